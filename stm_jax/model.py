@@ -1,0 +1,154 @@
+"""A GPT-style decoder (pre-LN, learned positions, GELU MLP) in Flax NNX.
+
+The module only owns parameters; attention is the pure function in ``attention.py``. The
+attention input of layer l is u^l = LN(x^{l-1}), the latent that the probabilistic reading
+models (math.md section 1). Dropout takes an explicit key, so a training step is a pure
+function of (params, batch, key) and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stm_jax import attention
+
+LayerSet = Literal["embedding", "all"]
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when ``key`` is None (evaluation) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _split_or_none(key: jax.Array | None, num: int) -> list:
+    return [None] * num if key is None else list(jax.random.split(key, num))
+
+
+class Block(nnx.Module):
+    """One pre-LN transformer block whose attention weights feed the pure attention function."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, heads, head_dim = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
+        std, proj_std = 0.02, 0.02 / (2 * cfg.num_layers) ** 0.5  # nanoGPT's initialisation
+        normal = lambda shape, s: nnx.Param(s * jax.random.normal(rngs.params(), shape))  # noqa: E731
+        self.ln_attn = nnx.LayerNorm(d, use_bias=cfg.use_bias, rngs=rngs)
+        self.wq = normal((d, heads, head_dim), std)
+        self.wk = normal((d, heads, head_dim), std)
+        self.wv = normal((d, heads, head_dim), std)
+        self.wo = normal((heads, head_dim, d), proj_std)
+        self.ln_mlp = nnx.LayerNorm(d, use_bias=cfg.use_bias, rngs=rngs)
+        init = nnx.initializers.normal(std)
+        self.fc = nnx.Linear(d, cfg.mlp_ratio * d, use_bias=cfg.use_bias, kernel_init=init,
+                             rngs=rngs)
+        self.proj = nnx.Linear(cfg.mlp_ratio * d, d, use_bias=cfg.use_bias,
+                               kernel_init=nnx.initializers.normal(proj_std), rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def attention_params(self, dtype=None) -> dict:
+        params = {"wq": self.wq[...], "wk": self.wk[...], "wv": self.wv[...], "wo": self.wo[...]}
+        return params if dtype is None else jax.tree.map(lambda w: w.astype(dtype), params)
+
+    def __call__(self, x, *, scope: attention.Scope, residuals: bool, margins: bool, dtype, key):
+        """x: (B, T, d) -> (x', stats dict of this layer's per-token statistics)."""
+        attn_key, mlp_key = _split_or_none(key, 2)
+        u = self.ln_attn(x).astype(dtype)
+        params = self.attention_params(dtype)
+        attend = jax.vmap(lambda seq: attention.causal_self_attention(params, seq, scope=scope))
+        out, jac = attend(u)
+        stats = {name: value for name, value in jac._asdict().items() if value is not None}
+        if residuals:
+            residual = (u - out).astype(jnp.float32)
+            stats["residual_sq"] = jnp.sum(residual**2, axis=-1)  # ||e_t||^2, (B, T)
+        if margins:
+            stats["margin"] = jax.vmap(lambda seq: attention.margins(params, seq))(u)
+            stats["head_margin"] = jax.vmap(
+                lambda seq: attention.margins(params, seq, scope="head"))(u)
+        x = x + dropout(out.astype(x.dtype), self.dropout_rate, attn_key)
+        hidden = jax.nn.gelu(self.fc(self.ln_mlp(x).astype(dtype)))
+        x = x + dropout(self.proj(hidden).astype(x.dtype), self.dropout_rate, mlp_key)
+        return x, stats
+
+
+class GPT(nnx.Module):
+    """Decoder-only language model. ``cfg`` is the ``model`` sub-config (see configs/)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        if cfg.d_model % cfg.num_heads:
+            raise ValueError(f"model.d_model={cfg.d_model} is not divisible by "
+                             f"model.num_heads={cfg.num_heads}")
+        self.context, self.dropout_rate = cfg.context, cfg.dropout
+        self.tie_embeddings = cfg.tie_embeddings
+        self.dtype_name = str(cfg.get("dtype", "float32"))
+        init = nnx.initializers.normal(0.02)
+        self.token_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs)
+        self.position_embed = nnx.Param(init(rngs.params(), (cfg.context, cfg.d_model)))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.ln_final = nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
+                                      kernel_init=init, rngs=rngs)
+        # log sigma_l of the hierarchical prior, one per layer (math.md section 5).
+        self.log_noise_scale = nnx.Param(jnp.zeros((cfg.num_layers,)))
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """The layer-0 latent: token + position embedding, (B, T, d)."""
+        num_tokens = tokens.shape[-1]
+        if num_tokens > self.context:
+            raise ValueError(f"sequence length {num_tokens} exceeds model.context={self.context}")
+        return self.token_embed(tokens) + self.position_embed[:num_tokens]
+
+    def from_embeddings(
+        self,
+        x: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        scope: attention.Scope = "none",
+        layers: LayerSet = "all",
+        residuals: bool = False,
+        margins: bool = False,
+    ) -> tuple[jax.Array, dict]:
+        """Logits (B, T, V) and per-layer statistics stacked on a leading layer axis.
+
+        Statistics are computed for the layers in ``layers`` ("embedding": the first only):
+        log-dets and signs for ``scope`` != "none", squared residuals ||e_t||^2 (the prior's
+        e_t = u_t - out_t) when ``residuals``, margins when ``margins``. They are returned as
+        {name: (L', B, ...)}, e.g. "logdet" (L', B, T) and "head_logdet" (L', B, H, T).
+        """
+        embed_key, *block_keys = _split_or_none(dropout_key, 1 + len(self.blocks))
+        x = dropout(x, self.dropout_rate, embed_key)
+        per_layer = []
+        for index, (block, key) in enumerate(zip(self.blocks, block_keys, strict=True)):
+            wanted = layers == "all" or index == 0
+            x, stats = block(x, scope=scope if wanted else "none", residuals=residuals and wanted,
+                             margins=margins and wanted, dtype=self.compute_dtype, key=key)
+            if stats:
+                per_layer.append(stats)
+        x = self.ln_final(x)
+        if self.tie_embeddings:
+            logits = self.token_embed.attend(x.astype(self.compute_dtype))
+        else:
+            logits = self.lm_head(x.astype(self.compute_dtype))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
+        return logits.astype(jnp.float32), stacked
+
+    def __call__(self, tokens: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
+        return self.from_embeddings(self.embed(tokens), **kwargs)
+
+
+def init_model(model_cfg, seed: int) -> GPT:
+    return GPT(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: GPT) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

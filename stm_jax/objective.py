@@ -1,0 +1,122 @@
+"""The MAP objective: cross-entropy + lambda_m x smooth log-barrier + lambda_s x prior.
+
+math.md section 5. One differentiable function of the model and a batch returns
+``(loss, aux)`` with every term in ``aux``, so logging never recomputes anything.
+
+Choices (configurable through the ``objective`` sub-config):
+  * ``scope``: "layer" uses the exact det J_t of each layer; "head" uses each head's diagonal
+    block, and a token's barrier is the sum of its heads' barriers (every head's determinant
+    must stay positive).
+  * ``layers``: "embedding" (first layer only) or "all".
+  * The prior's noise scales sigma_l are learned (log-parameterised, in the model) with a
+    weak log-normal hyperprior (log sigma_l ~ N(0, hyperprior_scale^2)) counted once per
+    batch, i.e. divided by the batch's token count like every other term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from stm_jax import barrier
+
+VARIANTS = {
+    "ce": {"lambda_m": 0.0, "lambda_s": 0.0},
+    "margin": {"lambda_m": 0.02, "lambda_s": 0.0},
+    "map": {"lambda_m": 0.02, "lambda_s": 0.01},
+}
+
+
+def objective_config(variant: str = "ce", **overrides) -> ml_collections.ConfigDict:
+    """Default objective settings for a named variant: "ce", "margin" or "map"."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown objective variant {variant!r}; expected one of {list(VARIANTS)}")
+    cfg = ml_collections.ConfigDict({
+        "variant": variant,
+        "layers": "all",
+        "scope": "head",
+        "barrier_eps": barrier.DEFAULT_EPS,
+        "hyperprior_scale": 1.0,
+        **VARIANTS[variant],
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Raise ValueError with one clear line for an objective config that makes no sense."""
+    for name in ("lambda_m", "lambda_s"):
+        if cfg[name] < 0:
+            raise ValueError(f"objective.{name}={cfg[name]} is negative; it must be >= 0")
+    if cfg.layers not in ("embedding", "all"):
+        raise ValueError(f"objective.layers={cfg.layers!r}; expected 'embedding' or 'all'")
+    if cfg.scope not in ("head", "layer"):
+        raise ValueError(f"objective.scope={cfg.scope!r}; expected 'head' or 'layer'")
+    if not cfg.barrier_eps > 0:
+        raise ValueError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32."""
+    losses = optax.losses.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets)
+    return jnp.mean(losses)
+
+
+def barrier_term(stats: dict, cfg) -> tuple[jax.Array, dict]:
+    """mean_{l,t} b_t^l and the determinant diagnostics that go with it."""
+    if cfg.scope == "head":
+        sign, logabsdet = stats["head_sign"], stats["head_logdet"]  # (L, B, H, T)
+        per_token = jnp.sum(barrier.smooth_log_barrier(sign, logabsdet, cfg.barrier_eps), axis=2)
+    else:
+        sign, logabsdet = stats["sign"], stats["logdet"]  # (L, B, T)
+        per_token = barrier.smooth_log_barrier(sign, logabsdet, cfg.barrier_eps)
+    diagnostics = {
+        "infeasible_tokens": barrier.infeasible_count(sign),
+        "infeasible_fraction": jnp.mean(barrier.infeasible(sign).astype(jnp.float32)),
+        "logdet_min": jnp.min(jnp.where(sign > 0, logabsdet, -jnp.inf)),
+        "logdet_mean": jnp.mean(logabsdet),
+    }
+    return jnp.mean(per_token), diagnostics
+
+
+def prior_term(
+    residual_sq: jax.Array, log_noise_scale: jax.Array, dim: int, cfg
+) -> tuple[jax.Array, dict]:
+    """mean_{l,t}[||e||^2 / (2 sigma_l^2) + d log sigma_l] plus the weak hyperprior.
+
+    residual_sq: (L', B, T) squared residual norms of the layers in the layer set.
+    """
+    num_stat_layers = residual_sq.shape[0]
+    log_sigma = log_noise_scale[:num_stat_layers].astype(jnp.float32)  # "embedding" -> first
+    per_token = (residual_sq * jnp.exp(-2 * log_sigma)[:, None, None] / 2
+                 + dim * log_sigma[:, None, None])
+    hyperprior = jnp.sum((log_sigma / cfg.hyperprior_scale) ** 2) / 2
+    tokens_per_batch = residual_sq.shape[1] * residual_sq.shape[2]
+    diagnostics = {"noise_scale": jnp.exp(log_sigma), "residual_rms": jnp.sqrt(
+        jnp.mean(residual_sq) / dim)}
+    return jnp.mean(per_token) + hyperprior / tokens_per_batch, diagnostics
+
+
+def map_objective(model, inputs, targets, cfg, *, dropout_key=None) -> tuple[jax.Array, dict]:
+    """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux)."""
+    scope = cfg.scope if cfg.lambda_m > 0 else "none"
+    logits, stats = model(inputs, dropout_key=dropout_key, scope=scope, layers=cfg.layers,
+                          residuals=cfg.lambda_s > 0)
+    ce = cross_entropy(logits, targets)
+    loss, aux = ce, {"ce": ce, "bpc": ce / math.log(2)}
+    if cfg.lambda_m > 0:
+        barrier_value, diagnostics = barrier_term(stats, cfg)
+        loss = loss + cfg.lambda_m * barrier_value
+        aux.update(barrier=barrier_value, **diagnostics)
+    if cfg.lambda_s > 0:
+        prior_value, diagnostics = prior_term(
+            stats["residual_sq"], model.log_noise_scale[...], model.token_embed.features, cfg)
+        loss = loss + cfg.lambda_s * prior_value
+        aux.update(prior=prior_value, **diagnostics)
+    aux["loss"] = loss
+    return loss, aux

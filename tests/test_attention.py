@@ -1,0 +1,164 @@
+"""The closed-form Jacobian blocks against autodiff (jax.jacfwd) in float64."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+from conftest import random_layer
+
+from stm_jax import attention
+
+
+def residual_map(params, head=None):
+    """e = u - out (all heads, or one head alone): the map whose diagonal blocks are J_t."""
+
+    def residual(u):
+        m = attention.attention_moments(params, u)
+        if head is None:
+            return u - attention.attention_output(params, m)
+        return u - m.o[head] @ params["wo"][head]
+
+    return residual
+
+
+@functools.partial(jax.jit, static_argnames="head")
+def autodiff_diagonal_blocks(params, u, head=None):
+    full = jax.jacfwd(residual_map(params, head))(u)  # (T, d, T, d)
+    return jnp.einsum("tdte->tde", full)
+
+
+@jax.jit
+def closed_form(params, u):
+    _, stats = attention.causal_self_attention(params, u, scope="both")
+    return stats, attention.margins(params, u), attention.margins(params, u, scope="head")
+
+
+def random_shapes(count):
+    rng = np.random.default_rng(0)
+    for seed in range(count):
+        heads, head_dim, tokens = rng.integers(1, 5), rng.integers(1, 9), rng.integers(1, 10)
+        # d below, equal to and above H p, and above 2p, so every reduction path is used.
+        d = int(rng.choice([max(1, heads * head_dim - 1), heads * head_dim, 2 * head_dim + 3]))
+        yield seed, d, int(heads), int(head_dim), int(tokens)
+
+
+SHAPES = list(random_shapes(16))
+
+
+@pytest.mark.parametrize("seed,d,heads,head_dim,tokens", SHAPES)
+def test_closed_form_matches_autodiff_blocks(x64, seed, d, heads, head_dim, tokens):
+    """log|det|, sign and sigma_min per token, whole layer and per head, to 1e-9."""
+    params, u = random_layer(seed, d, heads, head_dim, tokens, scale=3.0, dtype=jnp.float64)
+    stats, layer_margins, head_margins = closed_form(params, u)
+    blocks = np.asarray(autodiff_diagonal_blocks(params, u))
+    sign, logabsdet = np.linalg.slogdet(blocks)
+    np.testing.assert_allclose(stats.logdet, logabsdet, atol=1e-9, rtol=0)
+    np.testing.assert_array_equal(stats.sign, sign)
+    expected_margins = np.linalg.svd(blocks, compute_uv=False)[:, -1]
+    np.testing.assert_allclose(layer_margins, expected_margins, atol=1e-9, rtol=0)
+    for h in range(heads):
+        head_blocks = np.asarray(autodiff_diagonal_blocks(params, u, head=h))
+        sign, logabsdet = np.linalg.slogdet(head_blocks)
+        np.testing.assert_allclose(stats.head_logdet[h], logabsdet, atol=1e-9, rtol=0)
+        np.testing.assert_array_equal(stats.head_sign[h], sign)
+        expected_margins = np.linalg.svd(head_blocks, compute_uv=False)[:, -1]
+        np.testing.assert_allclose(head_margins[h], expected_margins, atol=1e-9, rtol=0)
+
+
+def test_the_random_shapes_include_negative_determinants(x64):
+    negatives = 0
+    for seed, d, heads, head_dim, tokens in SHAPES:
+        params, u = random_layer(seed, d, heads, head_dim, tokens, scale=3.0, dtype=jnp.float64)
+        negatives += int(jnp.sum(closed_form(params, u)[0].sign < 0))
+    assert negatives > 5
+
+
+def test_output_is_multi_head_causal_attention(x64):
+    params, u = random_layer(3, 8, 2, 4, 6, scale=1.0, dtype=jnp.float64)
+    out, _ = attention.causal_self_attention(params, u, scope="none")
+    expected = np.zeros_like(u)
+    for h in range(2):
+        q, k, v = (u @ params[w][:, h, :] for w in ("wq", "wk", "wv"))
+        for t in range(6):
+            scores = q[t] @ k[: t + 1].T / np.sqrt(4)
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            expected[t] += (weights @ v[: t + 1]) @ params["wo"][h]
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+def test_scope_none_skips_the_jacobian():
+    params, u = random_layer(0, 8, 2, 4, 5, scale=1.0, dtype=jnp.float32)
+    _, stats = attention.causal_self_attention(params, u, scope="none")
+    assert all(field is None for field in stats)
+    with pytest.raises(ValueError, match="unknown Jacobian scope"):
+        attention.causal_self_attention(params, u, scope="diagonal")
+
+
+def test_causality_by_gradients(x64):
+    params, u = random_layer(1, 6, 2, 3, 7, scale=2.0, dtype=jnp.float64)
+    tokens = u.shape[0]
+
+    def per_token(u):
+        out, stats = attention.causal_self_attention(params, u)
+        return jnp.sum(out, axis=-1), stats.logdet, attention.margins(params, u)
+
+    for jac in jax.jit(jax.jacrev(per_token))(u):  # each (T, T, d)
+        for t in range(tokens):
+            assert np.all(jac[t, t + 1:] == 0), f"token {t} depends on a later token"
+            if t > 0:  # token 0 is a linear map of u_0 alone: its log-det is constant
+                assert np.any(jac[t, : t + 1] != 0)
+
+
+def test_projectivity_prefix_statistics_do_not_change_when_extended(x64):
+    params, u = random_layer(2, 6, 2, 3, 9, scale=2.5, dtype=jnp.float64)
+    forward = jax.jit(lambda u: attention.causal_self_attention(params, u))
+    out_full, stats_full = forward(u)
+    _, layer_margins_full, head_margins_full = closed_form(params, u)
+    for n in (1, 4, 8):
+        out, stats = forward(u[:n])
+        _, layer_margins, head_margins = closed_form(params, u[:n])
+        np.testing.assert_allclose(out, out_full[:n], atol=1e-12)
+        np.testing.assert_allclose(stats.logdet, stats_full.logdet[:n], atol=1e-12)
+        np.testing.assert_allclose(stats.head_logdet, stats_full.head_logdet[:, :n], atol=1e-12)
+        np.testing.assert_allclose(layer_margins, layer_margins_full[:n], atol=1e-12)
+        np.testing.assert_allclose(head_margins, head_margins_full[:, :n], atol=1e-12)
+
+
+def test_jit_vmap_grad_and_float32():
+    params, _ = random_layer(4, 8, 2, 4, 6, scale=1.5, dtype=jnp.float32)
+    batch = jax.random.normal(jax.random.PRNGKey(5), (3, 6, 8))
+    eager = [attention.causal_self_attention(params, seq) for seq in batch]
+    batched = jax.jit(jax.vmap(lambda seq: attention.causal_self_attention(params, seq)))(batch)
+    for i, (out, stats) in enumerate(eager):
+        np.testing.assert_allclose(batched[0][i], out, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched[1].logdet[i], stats.logdet, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batched[1].head_logdet[i], stats.head_logdet, rtol=1e-5,
+                                   atol=1e-5)
+        assert stats.logdet.dtype == jnp.float32
+
+    def total_logdet(params):
+        return jnp.sum(jax.vmap(lambda s: attention.causal_self_attention(params, s)[1].logdet)(
+            batch))
+
+    grads = jax.jit(jax.grad(total_logdet))(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_logdet_gradient_matches_finite_differences(x64):
+    params, u = random_layer(6, 6, 2, 3, 5, scale=1.5, dtype=jnp.float64)
+    f = lambda p: jnp.sum(attention.causal_self_attention(p, u)[1].logdet)  # noqa: E731
+    jax.test_util.check_grads(f, (params,), order=1, modes=["rev", "fwd"], eps=1e-6,
+                              atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_matmuls_keep_float32_determinants():
+    params, u = random_layer(7, 8, 2, 4, 6, scale=1.0, dtype=jnp.float32)
+    low = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+    _, stats = attention.causal_self_attention(low, u.astype(jnp.bfloat16))
+    _, reference = attention.causal_self_attention(params, u)
+    assert stats.logdet.dtype == jnp.float32
+    np.testing.assert_allclose(stats.logdet, reference.logdet, atol=0.05)
