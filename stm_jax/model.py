@@ -27,6 +27,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """Softmax, losses and determinants run in float32 even when matmuls run in bfloat16."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _split_or_none(key: jax.Array | None, num: int) -> list:
     return [None] * num if key is None else list(jax.random.split(key, num))
 
@@ -64,7 +69,7 @@ class Block(nnx.Module):
         out, jac = attend(u)
         stats = {name: value for name, value in jac._asdict().items() if value is not None}
         if residuals:
-            residual = (u - out).astype(jnp.float32)
+            residual = at_least_float32(u - out)
             stats["residual_sq"] = jnp.sum(residual**2, axis=-1)  # ||e_t||^2, (B, T)
         if margins:
             stats["margin"] = jax.vmap(lambda seq: attention.margins(params, seq))(u)
@@ -136,11 +141,12 @@ class GPT(nnx.Module):
                 per_layer.append(stats)
         x = self.ln_final(x)
         if self.tie_embeddings:
-            logits = self.token_embed.attend(x.astype(self.compute_dtype))
+            embedding = self.token_embed.embedding[...].astype(self.compute_dtype)
+            logits = x.astype(self.compute_dtype) @ embedding.T
         else:
             logits = self.lm_head(x.astype(self.compute_dtype))
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
-        return logits.astype(jnp.float32), stacked
+        return at_least_float32(logits), stacked
 
     def __call__(self, tokens: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
         return self.from_embeddings(self.embed(tokens), **kwargs)

@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from stm_jax import barrier
+from stm_jax.model import at_least_float32
 
 VARIANTS = {
     "ce": {"lambda_m": 0.0, "lambda_s": 0.0},
@@ -61,9 +62,9 @@ def validate(cfg) -> None:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats, computed in float32."""
+    """Mean next-token cross-entropy in nats, computed in float32 at least."""
     losses = optax.losses.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets)
+        at_least_float32(logits), targets)
     return jnp.mean(losses)
 
 
@@ -92,7 +93,7 @@ def prior_term(
     residual_sq: (L', B, T) squared residual norms of the layers in the layer set.
     """
     num_stat_layers = residual_sq.shape[0]
-    log_sigma = log_noise_scale[:num_stat_layers].astype(jnp.float32)  # "embedding" -> first
+    log_sigma = at_least_float32(log_noise_scale[:num_stat_layers])  # "embedding" -> first
     per_token = (residual_sq * jnp.exp(-2 * log_sigma)[:, None, None] / 2
                  + dim * log_sigma[:, None, None])
     hyperprior = jnp.sum((log_sigma / cfg.hyperprior_scale) ** 2) / 2

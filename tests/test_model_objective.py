@@ -1,0 +1,150 @@
+"""The GPT and the MAP objective: oracles (optax, finite differences), causality, projectivity."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from stm_jax import attention, barrier, objective
+from stm_jax import model as model_lib
+
+
+def small_model(seed=0, **overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        vocab_size=11, num_layers=2, num_heads=2, d_model=8, context=7, dropout=0.0,
+        tie_embeddings=True, use_bias=True, mlp_ratio=2, dtype="float32"))
+    cfg.update(overrides)
+    return model_lib.init_model(cfg, seed)
+
+
+def tokens(seed=0, batch=3, length=7):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, 11)
+
+
+def float64_model(seed):
+    """A small model whose parameters and compute dtype are float64 (inside the x64 fixture)."""
+    graphdef, state = nnx.split(small_model(seed, dtype="float64"))
+    return graphdef, jax.tree.map(lambda x: x.astype(jnp.float64), state)
+
+
+def test_ce_only_equals_optax_cross_entropy():
+    model, inputs, targets = small_model(), tokens(0), tokens(1)
+    loss, aux = objective.map_objective(model, inputs, targets, objective.objective_config("ce"))
+    logits, _ = model(inputs)
+    expected = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(aux["bpc"], expected / np.log(2), rtol=1e-6)
+    assert set(aux) == {"loss", "ce", "bpc"}
+
+
+def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
+    graphdef, state = float64_model(2)
+    model = nnx.merge(graphdef, state)
+    inputs, targets = tokens(2), tokens(3)
+    cfg = objective.objective_config("margin", barrier_eps=0.05)
+    loss, aux = objective.map_objective(model, inputs, targets, cfg)
+    # Oracle: rebuild each layer's attention input by hand and call the pure function.
+    x = model.embed(inputs)
+    per_token = []
+    for block in model.blocks:
+        u = block.ln_attn(x)
+        stats = jax.vmap(lambda s, b=block: attention.causal_self_attention(
+            b.attention_params(), s, scope="head")[1])(u)
+        per_token.append(barrier.smooth_log_barrier(stats.head_sign, stats.head_logdet, 0.05)
+                         .sum(axis=1))
+        x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float64,
+                     key=None)
+    np.testing.assert_allclose(aux["barrier"], np.mean(per_token), rtol=1e-10)
+    np.testing.assert_allclose(loss, aux["ce"] + 0.02 * aux["barrier"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("variant,scope,layers", [
+    ("margin", "head", "all"), ("margin", "layer", "embedding"), ("map", "layer", "all")])
+def test_objective_gradients_match_finite_differences(x64, variant, scope, layers):
+    graphdef, state = float64_model(1)
+    inputs, targets = tokens(4, batch=2, length=5), tokens(5, batch=2, length=5)
+    cfg = objective.objective_config(variant, scope=scope, layers=layers, lambda_m=0.5,
+                                     lambda_s=0.3 if variant == "map" else 0.0)
+    loss_fn = lambda s: objective.map_objective(  # noqa: E731
+        nnx.merge(graphdef, s), inputs, targets, cfg)[0]
+    jax.test_util.check_grads(jax.jit(loss_fn), (state,), order=1, modes=["rev"], eps=1e-6,
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_every_term_is_reported_and_adds_up():
+    model, inputs = small_model(), tokens(0)
+    cfg = objective.objective_config("map")
+    loss, aux = objective.map_objective(model, inputs, inputs, cfg)
+    expected = aux["ce"] + cfg.lambda_m * aux["barrier"] + cfg.lambda_s * aux["prior"]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    for key in ("infeasible_tokens", "infeasible_fraction", "logdet_min", "noise_scale"):
+        assert key in aux
+
+
+def test_jit_equals_eager_and_vmap_equals_loop():
+    model, inputs, targets = small_model(), tokens(0), tokens(1)
+    cfg = objective.objective_config("map")
+    graphdef, state = nnx.split(model)
+    loss_fn = lambda s, x, y: objective.map_objective(nnx.merge(graphdef, s), x, y, cfg)  # noqa
+    eager, _ = loss_fn(state, inputs, targets)
+    jitted, _ = jax.jit(loss_fn)(state, inputs, targets)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5)
+    one = lambda x, y: loss_fn(state, x[None], y[None])[0]  # noqa: E731
+    mapped = jax.vmap(one)(inputs, targets)
+    looped = [one(x, y) for x, y in zip(inputs, targets, strict=True)]
+    np.testing.assert_allclose(mapped, looped, rtol=1e-5)
+
+
+def test_variants_and_validation():
+    assert objective.objective_config("ce").lambda_m == 0
+    assert objective.objective_config("margin").lambda_m == 0.02
+    full = objective.objective_config("map")
+    assert full.lambda_m > 0 and full.lambda_s > 0
+    with pytest.raises(ValueError, match="lambda_m=-0.1 is negative"):
+        objective.validate(objective.objective_config("margin", lambda_m=-0.1))
+    with pytest.raises(ValueError, match="unknown objective variant"):
+        objective.objective_config("svm")
+
+
+def test_logits_are_causal_by_gradients():
+    model = small_model()
+    x0 = model.embed(tokens(0, batch=1))
+    jac = jax.jacrev(lambda x: model.from_embeddings(x)[0][0].sum(-1))(x0)[:, 0]  # (T, T, d)
+    for t in range(x0.shape[1]):
+        assert np.all(jac[t, t + 1:] == 0)
+
+
+def test_projectivity_of_logits_and_layer_statistics():
+    model, seq = small_model(), tokens(6, batch=2)
+    forward = nnx.jit(lambda m, s: m(s, scope="both", residuals=True, margins=True))
+    logits_full, stats_full = forward(model, seq)
+    for n in (1, 3, 6):
+        logits, stats = forward(model, seq[:, :n])
+        np.testing.assert_allclose(logits, logits_full[:, :n], atol=1e-5)
+        for name, value in stats.items():
+            np.testing.assert_allclose(value, stats_full[name][..., :n], atol=1e-4, err_msg=name)
+
+
+def test_embedding_layer_set_and_dropout_determinism():
+    model, seq = small_model(dropout=0.5), tokens(0)
+    _, stats = model(seq, scope="layer", layers="embedding", residuals=True)
+    assert stats["logdet"].shape == (1, 3, 7) and stats["residual_sq"].shape == (1, 3, 7)
+    _, stats = model(seq, scope="head", layers="all")
+    assert stats["head_logdet"].shape == (2, 3, 2, 7)
+    key = jax.random.PRNGKey(3)
+    first, second = model(seq, dropout_key=key)[0], model(seq, dropout_key=key)[0]
+    np.testing.assert_array_equal(first, second)
+    assert not np.allclose(first, model(seq)[0])
+
+
+def test_untied_head_and_bad_shapes():
+    model = small_model(tie_embeddings=False)
+    assert model(tokens(0))[0].shape == (3, 7, 11)
+    with pytest.raises(ValueError, match="exceeds model.context"):
+        model(tokens(0, length=9))
+    with pytest.raises(ValueError, match="not divisible"):
+        small_model(num_heads=3)
