@@ -170,7 +170,10 @@ def causal_self_attention(
 
 
 def token_jacobian_factors(params: dict, m: Moments) -> tuple[jax.Array, jax.Array]:
-    """U and G with J_t^h = I_d - U^h G_t^h: U (H, d, p) = W_O^h, G (H, T, p, d) = d o_t^h / d u_t."""
+    """U and G with J_t^h = I_d - U^h G_t^h.
+
+    U: (H, d, p), U^h = W_O^h.  G: (H, T, p, d), G_t^h = d o_t^h / d u_t (math.md section 2).
+    """
     head_dim = m.q.shape[-1]
     a_self = _diag(m.attn)
     cov = jnp.einsum("hts,hsi,hsj->htij", m.attn, m.v, m.k)

@@ -28,7 +28,9 @@ def _quadratic_slope(x: jax.Array, eps: float) -> jax.Array:
     return -1.0 / eps + (x - eps) / eps**2
 
 
-def smooth_log_barrier(sign: jax.Array, logabsdet: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+def smooth_log_barrier(
+    sign: jax.Array, logabsdet: jax.Array, eps: float = DEFAULT_EPS
+) -> jax.Array:
     """b(det J) elementwise from slogdet output; finite value and gradient for every input.
 
     ``sign == 0`` (a singular block, log|det| = -inf) is treated as det = 0.

@@ -44,7 +44,7 @@ def test_finite_value_and_gradient_at_zero_determinant(x64):
     # The quadratic piece's slope at 0 is -1/eps - 1/eps (analytic oracle).
     assert np.isclose(jax.grad(lambda x: barrier.barrier_of_det(x, EPS))(0.0), -2 / EPS)
     value, (grad_sign, grad_logdet) = jax.value_and_grad(
-        lambda s, l: barrier.smooth_log_barrier(s, l, EPS), argnums=(0, 1))(0.0, -jnp.inf)
+        lambda s, logdet: barrier.smooth_log_barrier(s, logdet, EPS), argnums=(0, 1))(0.0, -jnp.inf)
     assert np.isfinite(value) and np.isclose(value, -np.log(EPS) + 1 + 0.5)
     assert np.isfinite(grad_sign) and np.isfinite(grad_logdet)
 
@@ -53,7 +53,7 @@ def test_finite_value_and_gradient_at_zero_determinant(x64):
 def test_finite_for_huge_negative_determinants(x64, dtype):
     logdets = jnp.asarray([1.0, 50.0, 1e3, 1e6], dtype)  # |det| up to e^(1e6): overflows as x
     values, grads = jax.vmap(jax.value_and_grad(
-        lambda l: barrier.smooth_log_barrier(-1.0, l, EPS)))(logdets)
+        lambda logdet: barrier.smooth_log_barrier(-1.0, logdet, EPS)))(logdets)
     assert np.all(np.isfinite(values)) and np.all(np.isfinite(grads))
     assert np.all(np.diff(values) > 0)  # more negative det -> larger barrier
     assert np.all(grads > 0) and np.all(grads == grads[0])  # bounded, linear in log|det|
@@ -64,7 +64,7 @@ def test_gradient_matches_finite_differences(x64):
         jax.test_util.check_grads(lambda x: barrier.barrier_of_det(x, EPS), (x,), order=2,
                                   modes=["rev"], eps=1e-6)
     for sign, logdet in ((1.0, -5.0), (1.0, 0.7), (-1.0, -0.5), (-1.0, 4.0)):
-        jax.test_util.check_grads(lambda l, s=sign: barrier.smooth_log_barrier(s, l, EPS),
+        jax.test_util.check_grads(lambda x, s=sign: barrier.smooth_log_barrier(s, x, EPS),
                                   (logdet,), order=1, modes=["rev"], eps=1e-6)
 
 
