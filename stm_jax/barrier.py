@@ -47,8 +47,8 @@ def smooth_log_barrier(
     # Each branch sees only inputs it is valid for, so unselected branches give no inf/NaN
     # gradients through jnp.where ("double where").
     safe_log = jnp.where(use_log, logabsdet, 0.0)
-    safe_small = jnp.where(use_quadratic & (sign != 0), logabsdet, -jnp.inf)
-    x_small = jnp.where(use_quadratic, sign * jnp.exp(jnp.minimum(safe_small, 0.0)), 0.0)
+    safe_small = jnp.where(use_quadratic & (sign != 0), logabsdet, -jnp.inf)  # x in [-1, eps)
+    x_small = jnp.where(use_quadratic, sign * jnp.exp(safe_small), 0.0)
     safe_tail = jnp.where(use_tail, logabsdet, 0.0)
     tail = _quadratic(-1.0, eps) + jnp.abs(_quadratic_slope(-1.0, eps)) * safe_tail
     return jnp.where(use_log, -safe_log, jnp.where(use_tail, tail, _quadratic(x_small, eps)))
@@ -57,7 +57,8 @@ def smooth_log_barrier(
 def barrier_of_det(det: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     """b(x) for determinants given directly (tests, plots); finite gradient at x = 0 too."""
     det = jnp.asarray(det)
-    quadratic_x = jnp.clip(det, -1.0, eps)
+    # jnp.where rather than clip: clip's gradient is halved at the joins.
+    quadratic_x = jnp.where((det >= -1.0) & (det < eps), det, 0.0)
     log_x = jnp.log(jnp.where(det >= eps, det, 1.0))
     tail_log = jnp.log(jnp.where(det < -1.0, -det, 1.0))
     tail = _quadratic(-1.0, eps) + jnp.abs(_quadratic_slope(-1.0, eps)) * tail_log

@@ -98,3 +98,16 @@ def test_margin_quantiles_match_numpy():
     quantiles = barrier.margin_quantiles(jnp.asarray(margin))
     assert np.isclose(quantiles["q05"], np.quantile(margin, 0.05), rtol=1e-5)
     assert np.isclose(quantiles["q00"], margin.min())
+
+
+def test_exact_slope_at_the_joins_and_for_eps_above_one(x64):
+    for eps in (EPS, 2.0):
+        for x in (-1.0, 1.2, 1.9):
+            expected = jax.grad(lambda y, e=eps: barrier._quadratic(y, e))(x)
+            if x >= eps:
+                expected = -1 / x
+            got = jax.grad(lambda y, e=eps: barrier.barrier_of_det(y, e))(x)
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+            got = jax.grad(lambda lg, s=np.sign(x), e=eps: barrier.smooth_log_barrier(s, lg, e))(
+                np.log(abs(x)))
+            np.testing.assert_allclose(got, expected * x, rtol=1e-12)  # d/dlog|x| = x d/dx

@@ -1,0 +1,105 @@
+"""Pure training and evaluation steps over pytrees, and the state they update.
+
+The train state is a plain dict ``{"params", "opt_state", "step", "skipped"}`` so that Orbax
+saves it as it is and ``jax.jit`` shards it with one ``NamedSharding``. The model is rebuilt
+inside the step from its graph definition (``nnx.merge``), so the steps stay pure functions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from stm_jax import model as model_lib
+from stm_jax import objective
+
+
+def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to ``min_learning_rate`` (nanoGPT's recipe).
+
+    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
+        decay_steps=max(num_steps, opt_cfg.warmup_steps + 1), end_value=opt_cfg.min_learning_rate)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(opt_cfg.grad_clip),
+        optax.adamw(schedule, b1=opt_cfg.beta1, b2=opt_cfg.beta2,
+                    weight_decay=opt_cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def learning_rate(opt_cfg, num_steps: int, step: int) -> float:
+    """The schedule's value at ``step``, for logging."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opt_cfg.learning_rate, opt_cfg.warmup_steps,
+        max(num_steps, opt_cfg.warmup_steps + 1), opt_cfg.min_learning_rate)
+    return float(schedule(step))
+
+
+def init_state(config, tx: optax.GradientTransformation):
+    """(graphdef, state) for a fresh run: parameters from ``config.seed``, step 0."""
+    model = model_lib.init_model(config.model, config.seed)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "skipped": jnp.zeros((), jnp.int32),  # non-finite updates skipped so far
+    }
+    return graphdef, state
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(graphdef, config, tx: optax.GradientTransformation):
+    """``train_step(state, inputs, targets) -> (state, metrics)``; jit it with shardings.
+
+    A non-finite loss or gradient never reaches the parameters: the update is skipped and
+    counted, and ``metrics["finite"]`` tells the host, which stops or carries on according to
+    ``config.nonfinite_policy``.
+    """
+    objective_cfg = config.objective
+    base_key = jax.random.PRNGKey(config.seed)
+
+    def train_step(state, inputs, targets):
+        dropout_key = jax.random.fold_in(base_key, state["step"])  # replays exactly on resume
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            return objective.map_objective(model, inputs, targets, objective_cfg,
+                                           dropout_key=dropout_key)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep_new = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = {
+            "params": jax.tree.map(keep_new, params, state["params"]),
+            "opt_state": jax.tree.map(keep_new, opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {**aux, "grad_norm": optax.global_norm(grads), "finite": finite,
+                   "skipped_updates": new_state["skipped"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, objective_cfg):
+    """``eval_step(params, inputs, targets) -> metrics`` without dropout (the MAP terms too)."""
+
+    def eval_step(params, inputs, targets):
+        model = nnx.merge(graphdef, params)
+        _, aux = objective.map_objective(model, inputs, targets, objective_cfg)
+        return aux
+
+    return eval_step
