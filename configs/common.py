@@ -45,6 +45,7 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
         weight_decay=0.1, grad_clip=1.0,
+        decay_steps=-1,  # cosine horizon; <= 0 means num_steps (nanoGPT's lr_decay_iters)
     ))
     config.data = ml_collections.ConfigDict(dict(
         name="tiny_shakespeare", text_file="", val_fraction=0.1, split_style="nanogpt",

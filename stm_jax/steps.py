@@ -16,14 +16,25 @@ from stm_jax import model as model_lib
 from stm_jax import objective
 
 
+def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to ``min_learning_rate`` at ``decay_steps``.
+
+    ``optimizer.decay_steps`` <= 0 (the default) decays over the whole run, ``num_steps``; set
+    it explicitly (nanoGPT's lr_decay_iters) to stop a run early on the same schedule.
+    """
+    horizon = opt_cfg.get("decay_steps", -1)
+    horizon = num_steps if horizon <= 0 else horizon
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
+        decay_steps=max(horizon, opt_cfg.warmup_steps + 1), end_value=opt_cfg.min_learning_rate)
+
+
 def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to ``min_learning_rate`` (nanoGPT's recipe).
+    """AdamW (nanoGPT's recipe) with gradient clipping and the schedule above.
 
     Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
-        decay_steps=max(num_steps, opt_cfg.warmup_steps + 1), end_value=opt_cfg.min_learning_rate)
+    schedule = learning_rate_schedule(opt_cfg, num_steps)
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
@@ -34,10 +45,7 @@ def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
 
 def learning_rate(opt_cfg, num_steps: int, step: int) -> float:
     """The schedule's value at ``step``, for logging."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opt_cfg.learning_rate, opt_cfg.warmup_steps,
-        max(num_steps, opt_cfg.warmup_steps + 1), opt_cfg.min_learning_rate)
-    return float(schedule(step))
+    return float(learning_rate_schedule(opt_cfg, num_steps)(step))
 
 
 def init_state(config, tx: optax.GradientTransformation):
