@@ -15,6 +15,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK_DIR = Path(__file__).parents[1] / "notebooks"
 NOTEBOOKS = [
     "derivation",
+    "colab_tpu",  # its CPU smoke-test form (STM_JAX_NOTEBOOK_SMOKE=1)
 ]
 CELL_TIMEOUT_S = 300
 
@@ -24,8 +25,9 @@ def cell_sources(notebook) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, tmp_path):
+def test_notebook_executes(name, tmp_path, monkeypatch):
     """Convert the .py with jupytext and run every cell in a fresh python3 kernel."""
+    monkeypatch.setenv("STM_JAX_NOTEBOOK_SMOKE", "1")  # notebooks with a smoke form use it
     notebook = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
     client = nbclient.NotebookClient(
         notebook,
