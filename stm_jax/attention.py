@@ -84,41 +84,70 @@ def _diag(x: jax.Array) -> jax.Array:
     return jnp.diagonal(x, axis1=-2, axis2=-1)
 
 
-def layer_block_matrix(m: Moments, pq: jax.Array, pk: jax.Array, pv: jax.Array) -> jax.Array:
-    """B_t of math.md section 2 for every token: (T, H p, H p), with det J_t = det(I - B_t).
+class QueryRows(NamedTuple):
+    """The query-side quantities of the tokens whose Jacobian blocks are wanted (n of them)."""
+
+    attn: jax.Array  # (H, n, T) their attention rows
+    a_self: jax.Array  # (H, n) a_tt
+    q: jax.Array  # (H, n, p)
+    o: jax.Array  # (H, n, p)
+    kbar: jax.Array  # (H, n, p)
+    v_self: jax.Array  # (H, n, p) the token's own value v_t
+
+
+def query_rows(m: Moments, positions: jax.Array | None = None) -> QueryRows:
+    """Rows of every token, or of the token indices ``positions`` (n,) only."""
+    if positions is None:
+        return QueryRows(m.attn, _diag(m.attn), m.q, m.o, m.kbar, m.v)
+    take = lambda x: jnp.take(x, positions, axis=1)  # noqa: E731
+    a_self = m.attn[:, positions, positions]
+    return QueryRows(take(m.attn), a_self, take(m.q), take(m.o), take(m.kbar), take(m.v))
+
+
+def _weighted_outer_sum(attn: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
+    """sum_s a_ts left_s right_s^T for every row t, as one matmul over s.
+
+    attn: (H, n, T), left: (H, T, p), right: (H, T, r) -> (H, n, p, r). Forming the (T, p r)
+    outer products first makes forward and backward plain matrix products.
+    """
+    heads, num_keys, p = left.shape
+    outer = (left[..., :, None] * right[..., None, :]).reshape(heads, num_keys, -1)
+    return jnp.matmul(attn, outer).reshape(*attn.shape[:2], p, right.shape[-1])
+
+
+def layer_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
+    """B_t of math.md section 2 for the rows' tokens: (n, H p, H p), det J_t = det(I - B_t).
 
     Block (h, g) is [C_t^h P_Q^hg + a_tt^h (v_t^h - o_t^h)(q_t^h)^T P_K^hg] / sqrt(p)
     + a_tt^h P_V^hg, with C_t^h = sum_s a_ts^h v_s^h (k_s^h)^T - o_t^h (kbar_t^h)^T.
     """
-    num_heads, num_tokens, head_dim = m.q.shape
-    a_self = _diag(m.attn)  # (H, T)
-    k_proj = jnp.einsum("hsi,hgij->hsgj", m.k, pq)  # k_s^T P_Q^hg
-    kbar_proj = jnp.einsum("hti,hgij->htgj", m.kbar, pq)
-    q_proj = jnp.einsum("hti,hgij->htgj", m.q, pk)
-    # sum_s a_ts v_s (P_Q^T k_s)^T as one matmul over s.
-    cross = jnp.einsum("hts,hsi,hsgj->thigj", m.attn, m.v, k_proj)
-    cross -= jnp.einsum("hti,htgj->thigj", m.o, kbar_proj)
-    self_term = jnp.einsum("ht,hti,htgj->thigj", a_self, m.v - m.o, q_proj)
-    value_term = jnp.einsum("ht,higj->thigj", a_self, jnp.moveaxis(pv, 2, 1))
-    blocks = (cross + self_term) / jnp.sqrt(head_dim) + value_term
-    size = num_heads * head_dim
-    return blocks.reshape(num_tokens, size, size)
+    num_heads, num_rows, head_dim = rows.q.shape
+    k_proj = jnp.einsum("hsi,hgij->hsgj", m.k, pq).reshape(num_heads, -1, num_heads * head_dim)
+    kbar_proj = jnp.einsum("hti,hgij->htgj", rows.kbar, pq).reshape(num_heads, num_rows, -1)
+    q_proj = jnp.einsum("hti,hgij->htgj", rows.q, pk).reshape(num_heads, num_rows, -1)
+    cross = _weighted_outer_sum(rows.attn, m.v, k_proj)  # (H, n, p, H p)
+    own = rows.a_self[..., None] * (rows.v_self - rows.o)
+    cross += own[..., :, None] * q_proj[..., None, :]
+    cross -= rows.o[..., :, None] * kbar_proj[..., None, :]
+    value_term = rows.a_self[:, :, None, None] * jnp.moveaxis(pv, 2, 1).reshape(
+        num_heads, 1, head_dim, -1)
+    blocks = cross / jnp.sqrt(head_dim) + value_term  # (H, n, p, H p)
+    return jnp.moveaxis(blocks, 0, 1).reshape(num_rows, num_heads * head_dim, -1)
 
 
-def head_block_matrix(m: Moments, pq: jax.Array, pk: jax.Array, pv: jax.Array) -> jax.Array:
-    """The diagonal blocks B_t^hh only: (H, T, p, p). Cheaper than the whole B_t."""
-    head_dim = m.q.shape[-1]
+def head_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
+    """The diagonal blocks B_t^hh only: (H, n, p, p). Cheaper than the whole B_t."""
+    head_dim = rows.q.shape[-1]
     diag_heads = lambda x: jnp.einsum("hhij->hij", x)  # noqa: E731
     pq, pk, pv = diag_heads(pq), diag_heads(pk), diag_heads(pv)
-    a_self = _diag(m.attn)
     k_proj = jnp.einsum("hsi,hij->hsj", m.k, pq)
-    kbar_proj = jnp.einsum("hti,hij->htj", m.kbar, pq)
-    q_proj = jnp.einsum("hti,hij->htj", m.q, pk)
-    cross = jnp.einsum("hts,hsi,hsj->htij", m.attn, m.v, k_proj)
-    cross -= jnp.einsum("hti,htj->htij", m.o, kbar_proj)
-    self_term = jnp.einsum("ht,hti,htj->htij", a_self, m.v - m.o, q_proj)
-    value_term = a_self[:, :, None, None] * pv[:, None]
-    return (cross + self_term) / jnp.sqrt(head_dim) + value_term
+    kbar_proj = jnp.einsum("hti,hij->htj", rows.kbar, pq)
+    q_proj = jnp.einsum("hti,hij->htj", rows.q, pk)
+    cross = _weighted_outer_sum(rows.attn, m.v, k_proj)
+    own = rows.a_self[..., None] * (rows.v_self - rows.o)
+    cross += own[..., :, None] * q_proj[..., None, :]
+    cross -= rows.o[..., :, None] * kbar_proj[..., None, :]
+    return cross / jnp.sqrt(head_dim) + rows.a_self[:, :, None, None] * pv[:, None]
 
 
 def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -130,24 +159,65 @@ def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sign, logabsdet
 
 
-def jacobian_stats(params: dict, m: Moments, scope: Scope = "both") -> AttentionStats:
-    """Per-token log|det J_t| ("layer"), per-head diagonal-block log-dets ("head"), or both."""
+def _stats_of_rows(params: dict, m: Moments, rows: QueryRows, scope: Scope) -> dict:
+    pq, pk, pv = weight_products(params)
+    stats = {}
+    if scope in ("layer", "both"):
+        blocks = layer_block_matrix(m, rows, pq, pk, pv)
+        stats["sign"], stats["logdet"] = _slogdet_identity_minus(blocks)
+    if scope in ("head", "both"):
+        blocks = head_block_matrix(m, rows, pq, pk, pv)
+        stats["head_sign"], stats["head_logdet"] = _slogdet_identity_minus(blocks)
+    return stats
+
+
+def jacobian_stats(
+    params: dict,
+    m: Moments,
+    scope: Scope = "both",
+    *,
+    positions: jax.Array | None = None,
+    chunk_size: int = 0,
+) -> AttentionStats:
+    """Per-token log|det J_t| ("layer"), per-head diagonal-block log-dets ("head"), or both.
+
+    ``positions`` (n,) restricts the work to those tokens (the barrier's unbiased estimator);
+    ``chunk_size`` > 0 processes them in chunks under ``jax.checkpoint``, so memory holds one
+    chunk's (H, chunk, p, p) blocks, in the forward and the backward pass alike.
+    """
     if scope not in SCOPES:
         raise ValueError(f"unknown Jacobian scope {scope!r}; expected one of {SCOPES}")
     if scope == "none":
         return AttentionStats()
-    pq, pk, pv = weight_products(params)
-    stats = {}
-    if scope in ("layer", "both"):
-        stats["sign"], stats["logdet"] = _slogdet_identity_minus(layer_block_matrix(m, pq, pk, pv))
-    if scope in ("head", "both"):
-        head_sign, head_logdet = _slogdet_identity_minus(head_block_matrix(m, pq, pk, pv))
-        stats["head_sign"], stats["head_logdet"] = head_sign, head_logdet
-    return AttentionStats(**stats)
+    if positions is None and chunk_size <= 0:
+        return AttentionStats(**_stats_of_rows(params, m, query_rows(m), scope))
+    if positions is None:
+        positions = jnp.arange(m.q.shape[1])
+    num = positions.shape[0]
+    chunk_size = num if chunk_size <= 0 else min(chunk_size, num)
+    num_chunks = -(-num // chunk_size)
+    padded = jnp.concatenate([positions, jnp.full((num_chunks * chunk_size - num,),
+                                                  positions[-1], positions.dtype)])
+
+    @jax.checkpoint
+    def chunk_stats(chunk_positions):
+        return _stats_of_rows(params, m, query_rows(m, chunk_positions), scope)
+
+    stats = jax.lax.map(chunk_stats, padded.reshape(num_chunks, chunk_size))
+    def merge(x):  # (chunks, [H,] chunk) -> ([H,] n)
+        x = jnp.moveaxis(x, 0, -2)
+        return x.reshape(*x.shape[:-2], -1)[..., :num]
+
+    return AttentionStats(**{name: merge(value) for name, value in stats.items()})
 
 
 def causal_self_attention(
-    params: dict, u: jax.Array, *, scope: Scope = "both"
+    params: dict,
+    u: jax.Array,
+    *,
+    scope: Scope = "both",
+    positions: jax.Array | None = None,
+    chunk_size: int = 0,
 ) -> tuple[jax.Array, AttentionStats]:
     """Multi-head causal self-attention of ``u: (T, d)`` and its Jacobian statistics.
 
@@ -156,13 +226,16 @@ def causal_self_attention(
       u: the layer's input embeddings, (T, d).
       scope: which log-determinants to compute: "layer" (exact det J_t), "head" (per-head
         diagonal blocks), "both" (default), or "none" to skip the Jacobian work entirely.
+      positions: optional (n,) token indices: statistics for those tokens only.
+      chunk_size: > 0 bounds memory by computing the statistics in chunks of tokens.
 
     Returns:
       out: (T, d), sum_h W_O^h o_t^h with the self-term s = t included.
-      stats: AttentionStats; fields not asked for are None.
+      stats: AttentionStats over T tokens (n with ``positions``); fields not asked for are None.
     """
     m = attention_moments(params, u)
-    return attention_output(params, m), jacobian_stats(params, m, scope)
+    stats = jacobian_stats(params, m, scope, positions=positions, chunk_size=chunk_size)
+    return attention_output(params, m), stats
 
 
 # ---------------------------------------------------------------------------------------

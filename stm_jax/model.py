@@ -60,12 +60,14 @@ class Block(nnx.Module):
         params = {"wq": self.wq[...], "wk": self.wk[...], "wv": self.wv[...], "wo": self.wo[...]}
         return params if dtype is None else jax.tree.map(lambda w: w.astype(dtype), params)
 
-    def __call__(self, x, *, scope: attention.Scope, residuals: bool, margins: bool, dtype, key):
+    def __call__(self, x, *, scope: attention.Scope, residuals: bool, margins: bool, dtype, key,
+                 positions=None, chunk_size: int = 0):
         """x: (B, T, d) -> (x', stats dict of this layer's per-token statistics)."""
         attn_key, mlp_key = _split_or_none(key, 2)
         u = self.ln_attn(x).astype(dtype)
         params = self.attention_params(dtype)
-        attend = jax.vmap(lambda seq: attention.causal_self_attention(params, seq, scope=scope))
+        attend = jax.vmap(lambda seq: attention.causal_self_attention(
+            params, seq, scope=scope, positions=positions, chunk_size=chunk_size))
         out, jac = attend(u)
         stats = {name: value for name, value in jac._asdict().items() if value is not None}
         if residuals:
@@ -122,6 +124,8 @@ class GPT(nnx.Module):
         layers: LayerSet = "all",
         residuals: bool = False,
         margins: bool = False,
+        positions: jax.Array | None = None,
+        chunk_size: int = 0,
     ) -> tuple[jax.Array, dict]:
         """Logits (B, T, V) and per-layer statistics stacked on a leading layer axis.
 
@@ -129,6 +133,8 @@ class GPT(nnx.Module):
         log-dets and signs for ``scope`` != "none", squared residuals ||e_t||^2 (the prior's
         e_t = u_t - out_t) when ``residuals``, margins when ``margins``. They are returned as
         {name: (L', B, ...)}, e.g. "logdet" (L', B, T) and "head_logdet" (L', B, H, T).
+        ``positions`` (n,) restricts the log-dets to those tokens and ``chunk_size`` bounds
+        their memory (see ``attention.jacobian_stats``).
         """
         embed_key, *block_keys = _split_or_none(dropout_key, 1 + len(self.blocks))
         x = dropout(x, self.dropout_rate, embed_key)
@@ -136,7 +142,8 @@ class GPT(nnx.Module):
         for index, (block, key) in enumerate(zip(self.blocks, block_keys, strict=True)):
             wanted = layers == "all" or index == 0
             x, stats = block(x, scope=scope if wanted else "none", residuals=residuals and wanted,
-                             margins=margins and wanted, dtype=self.compute_dtype, key=key)
+                             margins=margins and wanted, dtype=self.compute_dtype, key=key,
+                             positions=positions, chunk_size=chunk_size)
             if stats:
                 per_layer.append(stats)
         x = self.ln_final(x)

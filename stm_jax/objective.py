@@ -8,6 +8,11 @@ Choices (configurable through the ``objective`` sub-config):
     block, and a token's barrier is the sum of its heads' barriers (every head's determinant
     must stay positive).
   * ``layers``: "embedding" (first layer only) or "all".
+  * ``barrier_fraction`` < 1 estimates the barrier's mean from a uniformly random subset of
+    that fraction of positions per step (shared by the batch and the layers): unbiased for the
+    exact mean, at that fraction of the cost. Evaluation (no dropout key) is always exact.
+  * ``chunk_size`` > 0 computes the log-dets in chunks of positions under ``jax.checkpoint``:
+    the same numbers in bounded memory.
   * The prior's noise scales sigma_l are learned (log-parameterised, in the model) with a
     weak log-normal hyperprior (log sigma_l ~ N(0, hyperprior_scale^2)) counted once per
     batch, i.e. divided by the batch's token count like every other term.
@@ -42,6 +47,8 @@ def objective_config(variant: str = "ce", **overrides) -> ml_collections.ConfigD
         "scope": "head",
         "barrier_eps": barrier.DEFAULT_EPS,
         "hyperprior_scale": 1.0,
+        "barrier_fraction": 1.0,
+        "chunk_size": 0,
         **VARIANTS[variant],
     })
     cfg.update(overrides)
@@ -59,6 +66,16 @@ def validate(cfg) -> None:
         raise ValueError(f"objective.scope={cfg.scope!r}; expected 'head' or 'layer'")
     if not cfg.barrier_eps > 0:
         raise ValueError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
+    if not 0 < cfg.get("barrier_fraction", 1.0) <= 1:
+        raise ValueError(f"objective.barrier_fraction={cfg.barrier_fraction} must be in (0, 1]")
+
+
+def barrier_positions(num_tokens: int, fraction: float, key: jax.Array | None):
+    """A uniformly random subset of round(fraction T) positions, or None for all of them."""
+    if key is None or fraction >= 1.0:
+        return None
+    count = max(1, round(fraction * num_tokens))
+    return jnp.sort(jax.random.choice(key, num_tokens, (count,), replace=False))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -106,8 +123,12 @@ def prior_term(
 def map_objective(model, inputs, targets, cfg, *, dropout_key=None) -> tuple[jax.Array, dict]:
     """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux)."""
     scope = cfg.scope if cfg.lambda_m > 0 else "none"
+    position_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+    positions = barrier_positions(inputs.shape[-1], cfg.get("barrier_fraction", 1.0),
+                                  position_key)
     logits, stats = model(inputs, dropout_key=dropout_key, scope=scope, layers=cfg.layers,
-                          residuals=cfg.lambda_s > 0)
+                          residuals=cfg.lambda_s > 0, positions=positions,
+                          chunk_size=cfg.get("chunk_size", 0))
     ce = cross_entropy(logits, targets)
     loss, aux = ce, {"ce": ce, "bpc": ce / math.log(2)}
     if cfg.lambda_m > 0:

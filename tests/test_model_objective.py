@@ -148,3 +148,30 @@ def test_untied_head_and_bad_shapes():
         model(tokens(0, length=9))
     with pytest.raises(ValueError, match="not divisible"):
         small_model(num_heads=3)
+
+
+def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
+    """The mean over all equally likely subsets equals the exact barrier (enumerated)."""
+    import itertools
+
+    graphdef, state = float64_model(3)
+    model = nnx.merge(graphdef, state)
+    inputs = tokens(7, batch=2, length=5)
+    cfg = objective.objective_config("margin", lambda_m=1.0)
+    exact = objective.map_objective(model, inputs, inputs, cfg)[1]["barrier"]
+    logits, stats = model(inputs, scope="head")
+    per_token = barrier.smooth_log_barrier(stats["head_sign"], stats["head_logdet"],
+                                           cfg.barrier_eps).sum(axis=2)  # (L, B, T)
+    subsets = list(itertools.combinations(range(5), 2))
+    estimates = []
+    for subset in subsets:
+        _, sub_stats = model(inputs, scope="head", positions=jnp.asarray(subset))
+        sub = barrier.smooth_log_barrier(sub_stats["head_sign"], sub_stats["head_logdet"],
+                                         cfg.barrier_eps).sum(axis=2)
+        np.testing.assert_allclose(sub, per_token[..., list(subset)], atol=1e-12)
+        estimates.append(np.mean(sub))
+    np.testing.assert_allclose(np.mean(estimates), exact, rtol=1e-12)
+    # The objective draws such a subset when training (a dropout key is given).
+    cfg.barrier_fraction = 0.4
+    _, aux = objective.map_objective(model, inputs, inputs, cfg, dropout_key=jax.random.PRNGKey(0))
+    assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates)

@@ -1,0 +1,531 @@
+"""``evaluate_workdir(workdir)``: the evaluation metrics of math.md section 6 for a trained run.
+
+It restores the latest checkpoint (read-only), then measures
+
+* bits per character and next-character top-1 accuracy on the held-out splits;
+* robustness to embedding noise: Gaussian noise of scale sigma added to the layer-0 latent
+  ``model.embed(tokens)`` (token + position embedding), either as it is ("absolute") or
+  multiplied by each token's embedding RMS ("relative", which controls for a model that only
+  grew its embeddings). Every condition reuses the same standard-normal draw per batch
+  (``fold_in(PRNGKey(seed), batch)``), so the curves differ only by sigma and mode and a rerun
+  reproduces them exactly;
+* margin geometry on a few validation windows: m_t = sigma_min(J_t) per layer and head,
+  the infeasible fraction (det J_t <= 0, from the sign of the layer-scope log-det), the barrier
+  b_t, and the support tokens (m_t <= tau, and the bottom-k per window), shown in the text.
+
+Everything is written into the workdir atomically (temp file + ``os.replace``):
+``eval_results.json``, ``eval_report.md``, ``bpc_vs_sigma.png`` and ``margin_hist.png``.
+Checkpoints are only read. Margins need one SVD per token and layer, so they are computed on a
+bounded number of windows (``margin_batches`` x ``margin_batch_size``), never a whole split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stm_jax import barrier, data
+from stm_jax.restore import load_trained
+
+RESULTS_FILE = "eval_results.json"
+REPORT_FILE = "eval_report.md"
+BPC_PLOT = "bpc_vs_sigma.png"
+MARGIN_PLOT = "margin_hist.png"
+DEFAULT_SIGMAS = (0.0, 0.1, 0.25, 0.5, 1.0)
+NOISE_MODES = ("absolute", "relative")
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+# How characters that would break the column alignment of the support-token display are shown.
+_VISIBLE = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise and the scoring pass
+
+
+def add_embedding_noise(x: jax.Array, noise: jax.Array, sigma, relative) -> jax.Array:
+    """``x + sigma * noise``, the noise scaled by each token's embedding RMS when ``relative``.
+
+    ``x`` is the layer-0 latent ``model.embed(tokens)``, (B, T, d); ``noise`` a standard-normal
+    array of its shape. Passing the draw in (rather than a key) lets every sigma and mode share
+    it.
+    """
+    rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True))
+    scale = sigma * jnp.where(relative, rms, jnp.ones_like(rms))
+    return x + scale * noise.astype(x.dtype)
+
+
+def make_score_fn(graphdef) -> Callable:
+    """Jitted ``score(params, inputs, targets, key, sigma, relative) -> (nll_sum, correct)``.
+
+    sigma and the mode are traced values, so one compilation serves every condition.
+    """
+
+    def score(params, inputs, targets, key, sigma, relative):
+        model = nnx.merge(graphdef, params)
+        x = model.embed(inputs)
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        logits, _ = model.from_embeddings(add_embedding_noise(x, noise, sigma, relative))
+        nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = jnp.argmax(logits, axis=-1) == targets
+        return jnp.sum(nll), jnp.sum(correct)
+
+    return jax.jit(score)
+
+
+def _conditions(sigmas: Sequence[float], modes: Sequence[str]) -> list[tuple[str, float]]:
+    """(mode, sigma) pairs to run; sigma = 0 is the same clean pass for every mode."""
+    pairs = [("clean", 0.0)]
+    pairs += [(mode, sigma) for mode in modes for sigma in sigmas if sigma > 0]
+    return pairs
+
+
+def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, sigmas, modes,
+                seed) -> dict:
+    """BPC and accuracy of one split under every (mode, sigma), summed over full batches."""
+    conditions = _conditions(sigmas, modes)
+    totals = {condition: np.zeros(2) for condition in conditions}
+    num_batches, base_key = 0, jax.random.PRNGKey(seed)
+    for index, (inputs, targets) in enumerate(data.eval_batches(
+            tokens, batch_size=batch_size, context=context, max_batches=max_batches)):
+        key = jax.random.fold_in(base_key, index)
+        for mode, sigma in conditions:
+            nll, correct = score_fn(params, inputs, targets, key, jnp.float32(sigma),
+                                    jnp.asarray(mode == "relative"))
+            totals[mode, sigma] += np.asarray([float(nll), float(correct)])
+        num_batches += 1
+    num_tokens = num_batches * batch_size * context
+
+    def summary(condition):
+        nll, correct = totals[condition]
+        return {"bpc": nll / num_tokens / math.log(2), "ce_nats": nll / num_tokens,
+                "accuracy": correct / num_tokens}
+
+    clean = summary(("clean", 0.0))
+    robustness = {
+        mode: [{"sigma": float(sigma), **(clean if sigma == 0 else summary((mode, sigma)))}
+               for sigma in sigmas]
+        for mode in modes
+    }
+    return {"clean": {**clean, "num_batches": num_batches, "num_tokens": num_tokens},
+            "robustness": robustness}
+
+
+# ---------------------------------------------------------------------------------------------
+# Margins and support tokens
+
+
+def make_margin_fn(graphdef) -> Callable:
+    """Jitted ``stats(params, inputs)``: layer-scope log-dets, signs and margins, (L, B, ...)."""
+
+    def stats(params, inputs):
+        model = nnx.merge(graphdef, params)
+        _, per_layer = model.from_embeddings(model.embed(inputs), scope="layer", margins=True)
+        return per_layer
+
+    return jax.jit(stats)
+
+
+def margin_windows(margin_fn, params, tokens, *, context, batch_size, num_batches) -> tuple:
+    """(inputs (N, T), stats {name: (L, N, ...)}) for the first validation windows."""
+    batches = data.eval_batches(tokens, batch_size=batch_size, context=context,
+                                max_batches=num_batches)
+    inputs, stats = [], []
+    for batch_inputs, _ in batches:
+        inputs.append(batch_inputs)
+        stats.append(jax.device_get(margin_fn(params, batch_inputs)))
+    joined = {name: np.concatenate([s[name] for s in stats], axis=1) for name in stats[0]}
+    return np.concatenate(inputs), joined
+
+
+def _quantiles(values: np.ndarray) -> dict:
+    return {key: float(value) for key, value in barrier.margin_quantiles(values, QUANTILES).items()}
+
+
+def layer_margin_statistics(stats: dict, *, tau: float, bottom_k: int, barrier_eps: float
+                            ) -> list[dict]:
+    """Per layer: margin quantiles, infeasible fraction, barrier quantiles, support counts."""
+    layers = []
+    for layer in range(stats["margin"].shape[0]):
+        margin, sign = stats["margin"][layer], stats["sign"][layer]  # (N, T)
+        head_margin = stats["head_margin"][layer]  # (N, H, T)
+        _, bottom_mask = barrier.support_tokens_bottom_k(margin, bottom_k)
+        bottom = margin[np.asarray(bottom_mask)]
+        below = np.asarray(barrier.support_tokens_threshold(margin, tau))
+        barrier_values = barrier.smooth_log_barrier(sign, stats["logdet"][layer], barrier_eps)
+        layers.append({
+            "layer": layer,
+            "margin_quantiles": _quantiles(margin),
+            "margin_min": float(margin.min()),
+            "margin_q05": float(np.quantile(margin, 0.05)),
+            "infeasible_fraction": float(np.mean(np.asarray(barrier.infeasible(sign)))),
+            "infeasible_tokens": int(np.sum(np.asarray(barrier.infeasible(sign)))),
+            "barrier_quantiles": _quantiles(np.asarray(barrier_values)),
+            "support_threshold_count": int(below.sum()),
+            "support_threshold_fraction": float(below.mean()),
+            "bottom_k_mean_margin": float(bottom.mean()),
+            "bottom_k_max_margin": float(bottom.max()),
+            "heads": [{"head": head, "margin_min": float(head_margin[:, head].min()),
+                       "margin_q05": float(np.quantile(head_margin[:, head], 0.05)),
+                       "margin_median": float(np.median(head_margin[:, head])),
+                       "support_threshold_fraction": float(np.mean(head_margin[:, head] <= tau))}
+                      for head in range(head_margin.shape[1])],
+        })
+    return layers
+
+
+def support_window_details(inputs: np.ndarray, stats: dict, vocab: data.Vocab, *, count: int,
+                           tau: float, bottom_k: int, context: int) -> list[dict]:
+    """The first ``count`` windows: text, and per layer the margins and support tokens."""
+    windows = []
+    for index in range(min(count, len(inputs))):
+        layers = []
+        for layer in range(stats["margin"].shape[0]):
+            margin = stats["margin"][layer, index]
+            indices, _ = barrier.support_tokens_bottom_k(margin, bottom_k)
+            layers.append({
+                "layer": layer,
+                "margin": margin.tolist(),
+                "bottom_k": sorted(np.asarray(indices).tolist()),
+                "below_tau": np.flatnonzero(margin <= tau).tolist(),
+                "infeasible": np.flatnonzero(stats["sign"][layer, index] <= 0).tolist(),
+            })
+        windows.append({"window": index, "start": index * context,
+                        "text": vocab.decode(inputs[index]), "layers": layers})
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Temp file in the same folder, then ``os.replace``: readers never see half a file.
+
+    The temp name is made here (not by mkstemp) so the file gets the umask's permissions.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            file.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: NaN and infinities become strings (as in metrics.jsonl)."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def plot_bpc_vs_sigma(results: dict) -> bytes:
+    """BPC against sigma, one line per split and noise mode (rendered by matplotlib's Agg)."""
+    from matplotlib.figure import Figure  # the OO API renders with Agg, no pyplot state
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    for split, split_results in results["splits"].items():
+        for mode, rows in split_results["robustness"].items():
+            axes.plot([r["sigma"] for r in rows], [r["bpc"] for r in rows], marker="o",
+                      linestyle="-" if split == "validation" else "--", label=f"{split}, {mode}")
+    axes.set(xlabel="embedding noise sigma", ylabel="bits per character",
+             title=f"BPC under embedding noise (step {results['step']})")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _png(figure)
+
+
+def plot_margin_hist(margin: np.ndarray, sign: np.ndarray, tau: float, step: int) -> bytes:
+    """One histogram of m_t per layer on its own range; tau is drawn where it falls inside."""
+    from matplotlib.figure import Figure
+
+    num_layers = margin.shape[0]
+    figure = Figure(figsize=(6, 2.2 * num_layers), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(num_layers, 1))
+    for layer, ax in enumerate(axes):
+        values = margin[layer].ravel()
+        infeasible = float(np.mean(sign[layer] <= 0))
+        below = int(np.sum(values <= tau))
+        ax.hist(values, bins=50, color="tab:blue")
+        if values.min() <= tau <= values.max():
+            ax.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau:g}")
+            ax.legend(fontsize=8)
+        ax.set_title(f"layer {layer}: {values.size} tokens, {below} with m_t <= tau = {tau:g}, "
+                     f"infeasible {infeasible:.1%}", fontsize=9)
+        ax.set_ylabel("tokens")
+    axes[-1].set_xlabel("margin to degeneracy m_t = sigma_min(J_t)")
+    figure.suptitle(f"Margins to degeneracy (step {step})")
+    return _png(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _visible(text: str) -> str:
+    """One column per character, so marker lines line up under the text."""
+    return "".join(_VISIBLE.get(c, c if c.isprintable() else "\u00b7") for c in text)
+
+
+def _marker_line(layer: dict, length: int) -> str:
+    marks = [" "] * length
+    for index in layer["bottom_k"]:
+        marks[index] = "^"
+    for index in layer["below_tau"]:
+        marks[index] = "*"
+    for index in layer["infeasible"]:
+        marks[index] = "!"
+    return "".join(marks).rstrip()
+
+
+def _robustness_table(rows_by_mode: dict) -> list[str]:
+    modes = list(rows_by_mode)
+    header = "| sigma | " + " | ".join(f"{m} BPC | {m} top-1" for m in modes) + " |"
+    lines = [header, "|---" * (1 + 2 * len(modes)) + "|"]
+    for i, row in enumerate(rows_by_mode[modes[0]]):
+        cells = [f"{rows_by_mode[m][i]['bpc']:.4f} | {rows_by_mode[m][i]['accuracy']:.3f}"
+                 for m in modes]
+        lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _margin_section(margins: dict) -> list[str]:
+    tau, k = margins["tau"], margins["bottom_k"]
+    lines = [
+        f"## Margins to degeneracy ({margins['split']}, {margins['num_windows']} windows, "
+        f"{margins['num_tokens']} tokens per layer)", "",
+        "m_t = sigma_min(J_t), the distance from the layer's Jacobian block to the nearest "
+        "singular matrix. Infeasible: det J_t <= 0 (sign of the layer-scope log-det). Support "
+        f"tokens: m_t <= tau = {tau:g}, and the bottom-{k} per window.", "",
+        "| layer | min | 5% | 25% | median | 75% | 95% | max | infeasible | m_t <= tau | "
+        f"bottom-{k} mean m_t |",
+        "|---" * 11 + "|",
+    ]
+    for layer in margins["layers"]:
+        q = layer["margin_quantiles"]
+        lines.append(
+            f"| {layer['layer']} | " + " | ".join(f"{q[key]:.4f}" for key in q)
+            + f" | {layer['infeasible_fraction']:.2%} | {layer['support_threshold_count']} "
+            f"({layer['support_threshold_fraction']:.1%}) | {layer['bottom_k_mean_margin']:.4f} |")
+    lines += ["", "Barrier b_t = smooth -log det J_t per layer (quantiles):", "",
+              "| layer | min | 5% | median | 95% | max |", "|---|---|---|---|---|---|"]
+    for layer in margins["layers"]:
+        q = layer["barrier_quantiles"]
+        lines.append(f"| {layer['layer']} | " + " | ".join(
+            f"{q[key]:.4g}" for key in ("q00", "q05", "q50", "q95", "q100")) + " |")
+    lines += ["", "Per head (sigma_min of I - W_O^h G_t^h, the head acting alone):", "",
+              "| layer | head | min | 5% | median | m_t <= tau |", "|---|---|---|---|---|---|"]
+    for layer in margins["layers"]:
+        for head in layer["heads"]:
+            lines.append(f"| {layer['layer']} | {head['head']} | {head['margin_min']:.4f} | "
+                         f"{head['margin_q05']:.4f} | {head['margin_median']:.4f} | "
+                         f"{head['support_threshold_fraction']:.1%} |")
+    return lines
+
+
+def _windows_section(margins: dict) -> list[str]:
+    if not margins["windows"]:
+        return []
+    lines = ["", f"## Support tokens in {margins['split']} windows", "",
+             f"Under each window, per layer: `^` bottom-{margins['bottom_k']} margin, `*` "
+             f"m_t <= tau = {margins['tau']:g}, `!` det J_t <= 0. A token's margin belongs to "
+             "the position of the character above it (its latent u_t). "
+             "\u21b5 is a newline.", ""]
+    for window in margins["windows"]:
+        text = _visible(window["text"])
+        lines += [f"Window {window['window']} (characters {window['start']}-"
+                  f"{window['start'] + len(text) - 1}):", "", "```", f"text    | {text}"]
+        lines += [f"layer {layer['layer']:<2}| {_marker_line(layer, len(text))}"
+                  for layer in window["layers"]]
+        lines += ["```", ""]
+        for layer in window["layers"]:
+            smallest = ", ".join(f"{text[i]!r}@{i} {layer['margin'][i]:.3f}"
+                                 for i in sorted(layer["bottom_k"],
+                                                 key=lambda i, m=layer["margin"]: m[i]))
+            lines.append(f"* layer {layer['layer']} bottom-{len(layer['bottom_k'])}: {smallest}")
+        lines.append("")
+    return lines
+
+
+def format_report(results: dict) -> str:
+    """``eval_report.md``: what a person reads first; every number is also in the JSON."""
+    settings, model = results["settings"], results["model"]
+    limit = settings["max_batches"]
+    windows = "all full batches" if limit is None else f"at most {limit} batches"
+    lines = [
+        f"# Evaluation of {results['workdir_name']} at step {results['step']}", "",
+        f"Model: {model['num_layers']} layers, {model['num_heads']} heads, d = "
+        f"{model['d_model']}, context {model['context']}, vocabulary {model['vocab_size']}; "
+        f"objective {results['objective']}. Data: {results['data']['source']}.",
+        f"Windows: batches of {settings['batch_size']} x {settings['context']} characters, "
+        f"{windows} per split; noise seed {settings['seed']}.", "",
+    ]
+    if results["data"].get("note"):
+        lines += [f"**Note:** {results['data']['note']}", ""]
+    unknown = {split: n for split, n in (results["data"].get("num_unknown") or {}).items() if n}
+    if unknown:
+        counts = ", ".join(f"{split} {n:,}" for split, n in unknown.items())
+        lines += [f"Held-out characters outside the train vocabulary (scored as the unknown "
+                  f"id): {counts}.", ""]
+    lines += ["## Bits per character", "", "| split | BPC | top-1 accuracy | characters |",
+              "|---|---|---|---|"]
+    for split, split_results in results["splits"].items():
+        clean = split_results["clean"]
+        lines.append(f"| {split} | {clean['bpc']:.4f} | {clean['accuracy']:.3f} | "
+                     f"{clean['num_tokens']:,} |")
+    for split, reason in results["skipped_splits"].items():
+        lines.append(f"| {split} | not evaluated: {reason} | | |")
+    lines.append("")
+    for split, split_results in results["splits"].items():
+        lines += [f"## Robustness to embedding noise ({split})", "",
+                  "Gaussian noise of scale sigma on the token + position embedding; relative: "
+                  "times each token's embedding RMS.", ""]
+        lines += _robustness_table(split_results["robustness"]) + [""]
+    lines += _margin_section(results["margins"])
+    lines += _windows_section(results["margins"])
+    lines += ["", f"Plots: `{BPC_PLOT}`, `{MARGIN_PLOT}`. All numbers: `{RESULTS_FILE}`.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_options(sigmas, noise_modes, splits, margin_batches, margin_batch_size, tau,
+                   bottom_k, support_windows, context) -> tuple[list[float], list[str]]:
+    sigmas = sorted({float(s) for s in sigmas})
+    if not sigmas or any(not (math.isfinite(s) and s >= 0) for s in sigmas):
+        raise ValueError(f"sigmas={sigmas} must be finite and >= 0 (and at least one)")
+    modes = list(dict.fromkeys(noise_modes))
+    unknown = [m for m in modes if m not in NOISE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"noise modes {unknown or modes} are not among {NOISE_MODES}")
+    if not splits:
+        raise ValueError("give at least one split to evaluate")
+    if margin_batches < 1 or margin_batch_size < 1 or support_windows < 0:
+        raise ValueError("margin_batches and margin_batch_size must be >= 1 and "
+                         f"support_windows >= 0, got {margin_batches}, {margin_batch_size}, "
+                         f"{support_windows}")
+    if not 1 <= bottom_k <= context:
+        raise ValueError(f"bottom_k={bottom_k} must be between 1 and the context ({context})")
+    if not math.isfinite(tau):
+        raise ValueError(f"tau={tau} must be finite")
+    return sigmas, modes
+
+
+def evaluate_workdir(
+    workdir: str | Path,
+    *,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    noise_modes: Sequence[str] = NOISE_MODES,
+    max_batches: int | None = None,
+    splits: Sequence[str] = ("validation", "test"),
+    margin_batches: int = 2,
+    margin_batch_size: int = 8,
+    tau: float = 0.1,
+    bottom_k: int = 8,
+    support_windows: int = 3,
+    seed: int = 0,
+    step: int | None = None,
+) -> dict:
+    """Evaluates ``workdir``'s latest checkpoint (or ``step``); writes and returns the results.
+
+    Args:
+      sigmas, noise_modes: the robustness grid; sigma = 0 is one clean pass shared by the modes.
+      max_batches: full batches (``config.batch_size`` windows of ``model.context``) per split
+        and condition; None scores every full batch, as training's final evaluation does.
+      splits: splits to score. Splits the dataset lacks (the nanoGPT split of Tiny Shakespeare
+        has no test split) or too short for one batch are skipped and named in
+        ``results["skipped_splits"]``.
+      margin_batches, margin_batch_size: the validation windows margins are computed on.
+      tau, bottom_k: the support-token rules (m_t <= tau; the k smallest per window).
+      support_windows: how many of those windows the report shows with their support tokens.
+      seed: the noise draw; the same seed reproduces every number.
+    """
+    workdir = Path(workdir).expanduser()
+    model, config, vocab, step = load_trained(workdir, step)
+    context, batch_size = config.model.context, config.batch_size
+    sigmas, modes = _check_options(sigmas, noise_modes, splits, margin_batches, margin_batch_size,
+                                   tau, min(bottom_k, context), support_windows, context)
+    bottom_k = min(bottom_k, context)
+    tokens, _, info = data.load_dataset(config.data, workdir)  # reuses vocab.json, writes nothing
+    graphdef, params = nnx.split(model)
+
+    score_fn, split_results, skipped = make_score_fn(graphdef), {}, {}
+    for split in splits:
+        if split not in tokens:
+            skipped[split] = (f"the dataset has no {split!r} split (it has "
+                              f"{', '.join(sorted(tokens))})")
+            continue
+        try:
+            data.num_eval_batches(len(tokens[split]), batch_size=batch_size, context=context)
+        except ValueError as error:
+            skipped[split] = str(error)
+            continue
+        split_results[split] = score_split(
+            score_fn, params, tokens[split], batch_size=batch_size, context=context,
+            max_batches=max_batches, sigmas=sigmas, modes=modes, seed=seed)
+
+    margin_inputs, stats = margin_windows(
+        make_margin_fn(graphdef), params, tokens["validation"], context=context,
+        batch_size=min(margin_batch_size, (len(tokens["validation"]) - 1) // context),
+        num_batches=margin_batches)
+    margins = {
+        "split": "validation", "num_windows": len(margin_inputs),
+        "num_tokens": int(margin_inputs.size), "tau": tau, "bottom_k": bottom_k,
+        "layers": layer_margin_statistics(stats, tau=tau, bottom_k=bottom_k,
+                                          barrier_eps=config.objective.barrier_eps),
+        "windows": support_window_details(margin_inputs, stats, vocab, count=support_windows,
+                                          tau=tau, bottom_k=bottom_k, context=context),
+    }
+    results = {
+        "workdir_name": workdir.resolve().name, "step": step,
+        "model": config.model.to_dict(), "objective": _describe_objective(config.objective),
+        "data": {key: info.get(key) for key in ("name", "source", "note", "num_unknown")},
+        "settings": {"sigmas": sigmas, "noise_modes": modes, "splits": list(splits),
+                     "max_batches": max_batches, "batch_size": batch_size, "context": context,
+                     "margin_batches": margin_batches, "margin_batch_size": margin_batch_size,
+                     "seed": seed},
+        "splits": split_results, "skipped_splits": skipped, "margins": margins,
+    }
+    _write_outputs(workdir, results, stats, tau)
+    return results
+
+
+def _describe_objective(objective_cfg) -> str:
+    """e.g. "margin (lambda_m=0.02, lambda_s=0)": what the reader compares models by."""
+    return (f"{objective_cfg.get('variant', '?')} (lambda_m={objective_cfg.get('lambda_m', 0):g}, "
+            f"lambda_s={objective_cfg.get('lambda_s', 0):g})")
+
+
+def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float) -> None:
+    _atomic_write(workdir / RESULTS_FILE,
+                  (json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n").encode())
+    _atomic_write(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
+    _atomic_write(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
+    _atomic_write(workdir / MARGIN_PLOT,
+                  plot_margin_hist(stats["margin"], stats["sign"], tau, results["step"]))

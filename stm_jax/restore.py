@@ -1,0 +1,114 @@
+"""``load_trained(workdir)``: the model a training run left in its workdir, read-only.
+
+Evaluation and sampling need the exact model training produced: the config it ran with
+(``config.json``, which holds the vocabulary size filled in from the data), the vocabulary that
+gives its token ids their characters (``vocab.json``) and the parameters of a checkpoint. The
+checkpoint is checked against the same metadata training writes (model shape and vocabulary)
+before any array is read, so a workdir whose files disagree fails with a sentence, not a shape
+error.
+
+Nothing in the workdir is created, modified or deleted: a missing file is an error naming it,
+and the checkpoint manager is opened only on a directory that already exists, without async
+saves, and never asked to save.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import nnx
+
+from stm_jax import checkpointing, data, steps
+from stm_jax import model as model_lib
+from stm_jax.train import CHECKPOINT_DIR, CONFIG_FILE, checkpoint_metadata
+
+
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The full config training saved, vocabulary size included."""
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a training workdir (scripts/train.py "
+            "writes config.json when it starts). Pass the --workdir a training run used."
+        )
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the original") from None
+
+
+def read_vocab(workdir: Path, config) -> data.Vocab:
+    """The training vocabulary; its size must be the model's, or ids would mean other chars."""
+    path = workdir / data.VOCAB_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; the checkpoints cannot be decoded without the vocabulary "
+            "they were trained with. Restore the original vocab.json."
+        )
+    vocab = data.Vocab.load(path)
+    if vocab.size != config.model.vocab_size:
+        raise ValueError(
+            f"{path} has {vocab.size} ids but {workdir / CONFIG_FILE} says "
+            f"model.vocab_size={config.model.vocab_size}; the two files come from different runs."
+        )
+    return vocab
+
+
+def _choose_step(ckpt: checkpointing.Checkpointer, step: int | None, directory: Path) -> int:
+    available = ckpt.all_steps()
+    if not available:
+        raise FileNotFoundError(
+            f"{directory} holds no complete checkpoint yet; train first (checkpoints are "
+            "written every config.checkpoint_every steps and at the end of a run)."
+        )
+    if step is None:
+        return available[-1]
+    if step not in available:
+        raise ValueError(f"there is no checkpoint of step {step} in {directory}; "
+                         f"complete steps: {available}")
+    return step
+
+
+def _abstract_state(config):
+    """Shapes and dtypes of the train state, placed on one device, without initialising it."""
+    tx = steps.make_optimizer(config.optimizer, config.num_steps)
+    shapes = jax.eval_shape(lambda: steps.init_state(config, tx)[1])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def build_model(config, params: dict) -> model_lib.GPT:
+    """A GPT of ``config.model`` holding ``params`` (a pure dict, as the train state stores)."""
+    abstract = nnx.eval_shape(lambda: model_lib.init_model(config.model, config.seed))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, params)
+
+
+def load_trained(
+    workdir: str | Path, step: int | None = None
+) -> tuple[model_lib.GPT, ml_collections.ConfigDict, data.Vocab, int]:
+    """(model, config, vocab, step) from ``workdir``'s latest checkpoint, or from ``step``.
+
+    Raises FileNotFoundError for a workdir without config.json, vocab.json or any checkpoint,
+    ValueError for a step that is not there, and ``checkpointing.CheckpointError`` for a
+    checkpoint that belongs to another model or cannot be read.
+    """
+    workdir = Path(workdir).expanduser()
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist or is not a directory")
+    config = read_config(workdir)
+    vocab = read_vocab(workdir, config)
+    directory = workdir / CHECKPOINT_DIR
+    if not directory.is_dir():  # the Checkpointer would create it
+        raise FileNotFoundError(
+            f"{workdir} has no {CHECKPOINT_DIR}/ folder: no checkpoint was saved yet. Train "
+            "first, or pass the workdir of a finished run."
+        )
+    with checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+        step = _choose_step(ckpt, step, directory)
+        state, _ = ckpt.restore(step, _abstract_state(config),
+                                expected_metadata=checkpoint_metadata(config, vocab))
+    return build_model(config, state["params"]), config, vocab, int(step)

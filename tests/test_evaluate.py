@@ -1,0 +1,207 @@
+"""Evaluation, restore and sampling on one tiny trained workdir, checked against oracles.
+
+The oracles recompute each number from the restored model by the shortest route: BPC with
+optax's cross-entropy on the same windows, the noise by hand from the documented key, margins
+with ``attention.margins`` on each layer's input, greedy sampling with one forward pass.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from stm_jax import attention, data, evaluate, restore, sampling, train
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCHES = 2  # equal to tiny's eval_batches, so training's own validation BPC is comparable
+SETTINGS = dict(sigmas=(0.0, 0.5, 1.0), max_batches=MAX_BATCHES, margin_batches=1,
+                margin_batch_size=4, bottom_k=5, support_windows=2, seed=3)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file and folder under ``directory``: relative path -> sha256 (or 'dir')."""
+    listing = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            listing[os.path.relpath(os.path.join(root, name), directory)] = "dir"
+        for name in files:
+            path = Path(root, name)
+            listing[str(path.relative_to(directory))] = hashlib.sha256(
+                path.read_bytes()).hexdigest()
+    return listing
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model trained for 10 steps on a synthetic text (shared by every test)."""
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis"]
+    text = "\n".join(" ".join(rng.choice(words, size=10)) for _ in range(300))
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    config = tiny.get_config()
+    config.data.text_file = str(root / "corpus.txt")
+    config.update(num_steps=10, progress=False, checkpoint_every=10)
+    train.train_and_evaluate(config, root / "run")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir):
+    """(results, checkpoint snapshot before, after) of one evaluate_workdir call."""
+    before = snapshot(workdir / "checkpoints")
+    results = evaluate.evaluate_workdir(workdir, **SETTINGS)
+    return results, before, snapshot(workdir / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    return restore.load_trained(workdir)
+
+
+def validation_batches(workdir, config):
+    tokens, _, _ = data.load_dataset(config.data, workdir)
+    return list(data.eval_batches(tokens["validation"], batch_size=config.batch_size,
+                                  context=config.model.context, max_batches=MAX_BATCHES))
+
+
+def test_writes_results_report_and_plots(workdir, evaluated):
+    results, _, _ = evaluated
+    on_disk = json.loads((workdir / evaluate.RESULTS_FILE).read_text())
+    assert on_disk["splits"]["validation"]["clean"] == results["splits"]["validation"]["clean"]
+    assert on_disk["step"] == 10 and "test" in on_disk["skipped_splits"]
+    report = (workdir / evaluate.REPORT_FILE).read_text(encoding="utf-8")
+    for heading in ("## Bits per character", "## Robustness to embedding noise (validation)",
+                    "## Margins to degeneracy", "## Support tokens in validation windows"):
+        assert heading in report
+    assert "| test | not evaluated: the dataset has no 'test' split" in report
+    for plot in (evaluate.BPC_PLOT, evaluate.MARGIN_PLOT):
+        assert (workdir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(workdir.glob(".*.tmp"))
+
+
+def test_clean_bpc_equals_cross_entropy_oracle(workdir, evaluated, trained):
+    results, _, _ = evaluated
+    model, config, _, _ = trained
+    losses, correct = [], []
+    for inputs, targets in validation_batches(workdir, config):
+        logits, _ = model(jnp.asarray(inputs))
+        losses.append(optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets))
+        correct.append(np.argmax(logits, axis=-1) == targets)
+    clean = results["splits"]["validation"]["clean"]
+    assert clean["bpc"] == pytest.approx(float(np.mean(losses)) / math.log(2), rel=1e-5)
+    assert clean["accuracy"] == pytest.approx(float(np.mean(correct)))
+    assert clean["num_tokens"] == MAX_BATCHES * config.batch_size * config.model.context
+    summary = json.loads((workdir / "train_summary.json").read_text())
+    assert clean["bpc"] == pytest.approx(summary["val_bpc"], rel=1e-5)
+
+
+def test_noise_is_the_documented_draw_and_hurts(workdir, evaluated, trained):
+    results, _, _ = evaluated
+    model, config, _, _ = trained
+    rows = results["splits"]["validation"]["robustness"]
+    by_sigma = {mode: {row["sigma"]: row["bpc"] for row in rows[mode]} for mode in rows}
+    assert by_sigma["absolute"][0.0] == by_sigma["relative"][0.0]
+    assert by_sigma["absolute"][1.0] > by_sigma["absolute"][0.0] + 0.1
+    assert by_sigma["relative"][1.0] > by_sigma["relative"][0.0]
+    # Oracle: noise = normal(fold_in(PRNGKey(seed), batch)), times sigma (and the token RMS).
+    for mode in ("absolute", "relative"):
+        losses = []
+        for index, (inputs, targets) in enumerate(validation_batches(workdir, config)):
+            x = model.embed(jnp.asarray(inputs))
+            noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), index), x.shape)
+            scale = 0.5 * (jnp.sqrt(jnp.mean(x**2, -1, keepdims=True)) if mode == "relative"
+                           else 1.0)
+            logits, _ = model.from_embeddings(x + scale * noise)
+            losses.append(optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets))
+        assert by_sigma[mode][0.5] == pytest.approx(float(np.mean(losses)) / math.log(2),
+                                                    rel=1e-5)
+
+
+def test_margins_and_support_tokens_match_attention_oracle(workdir, evaluated, trained):
+    results, _, _ = evaluated
+    model, config, _, _ = trained
+    window = validation_batches(workdir, config)[0][0][:1]  # the first validation window
+    x = model.embed(jnp.asarray(window))
+    reported = results["margins"]["windows"][0]["layers"]
+    for layer, block in enumerate(model.blocks):
+        u = block.ln_attn(x)
+        oracle = np.asarray(attention.margins(block.attention_params(), u[0]))
+        np.testing.assert_allclose(reported[layer]["margin"], oracle, rtol=1e-4, atol=1e-5)
+        assert reported[layer]["bottom_k"] == sorted(np.argsort(oracle)[:5].tolist())
+        assert results["margins"]["layers"][layer]["margin_min"] <= oracle.min() + 1e-5
+        x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float32,
+                     key=None)
+    assert results["margins"]["num_windows"] == 4
+    assert 0.0 <= results["margins"]["layers"][0]["infeasible_fraction"] <= 1.0
+
+
+def test_checkpoints_untouched_by_evaluation(evaluated):
+    _, before, after = evaluated
+    assert before == after and before
+
+
+def test_sampling_is_deterministic_cropped_and_in_vocabulary(trained):
+    model, _, vocab, _ = trained
+    long_prompt = "to be or not to be that is the question whether tis"  # > context = 32
+    first = sampling.sample(model, vocab, long_prompt, num_chars=12, seed=5, top_k=4)
+    assert first == sampling.sample(model, vocab, long_prompt, num_chars=12, seed=5, top_k=4)
+    assert len(first) == 12 and set(first) <= set(vocab.chars)
+    greedy = sampling.sample(model, vocab, long_prompt, num_chars=1, temperature=0)
+    window = vocab.encode(long_prompt)[-model.context:]
+    logits, _ = model(jnp.asarray(window)[None])
+    assert greedy == vocab.chars[int(np.argmax(logits[0, -1]))]
+    with pytest.raises(ValueError, match="not in the model's vocabulary: 'Z', 'é'"):
+        sampling.sample(model, vocab, "to Zé", num_chars=3)
+
+
+def test_load_trained_errors_leave_the_folder_as_it_was(workdir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        restore.load_trained(tmp_path)
+    for name in ("config.json", "vocab.json"):
+        shutil.copy(workdir / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no checkpoint was saved yet"):
+        restore.load_trained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "vocab.json"]
+    with pytest.raises(ValueError, match="no checkpoint of step 3"):
+        restore.load_trained(workdir, step=3)
+
+
+def test_scripts_end_to_end(workdir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval_*", "*.png"))
+    commands = {
+        "evaluate": ["scripts/evaluate.py", f"--workdir={copy}", "--sigmas=0,0.5",
+                     "--max_batches=1", "--margin_batches=1", "--margin_batch_size=2"],
+        "sample": ["scripts/sample.py", f"--workdir={copy}", "--prompt=to be", "--num_chars=20",
+                   "--seed=1"],
+        "oov": ["scripts/sample.py", f"--workdir={copy}", "--prompt=to bé", "--num_chars=5"],
+    }
+    running = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, args in commands.items()}
+    done = {name: (process, *process.communicate(timeout=120))
+            for name, process in running.items()}
+    process, out, err = done["evaluate"]
+    assert process.returncode == 0, err
+    assert "validation: bpc" in out and (copy / evaluate.REPORT_FILE).exists()
+    process, out, err = done["sample"]
+    assert process.returncode == 0, err
+    assert out.startswith("to be") and len(out) == len("to be") + 20 + 1  # print's newline
+    process, out, err = done["oov"]
+    assert process.returncode == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: the prompt has characters not in the model's vocabulary: "
+                               "'é';")
