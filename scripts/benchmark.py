@@ -1,0 +1,85 @@
+"""Benchmark CE-only against the barrier modes: ``python scripts/benchmark.py``.
+
+Prints per-config progress, a table of every measurement and, last, a table of the targets
+with the measured value next to each; writes both to ``--out`` as JSON and markdown.
+``--device=gpu`` runs matmuls in bfloat16 (softmax, losses and determinants stay float32).
+"""
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import _bootstrap
+import jax
+from absl import app, flags, logging
+
+from stm_jax import benchmark, metrics
+
+flags.DEFINE_list("configs", ["tiny", "shakespeare_char:cpu", "shakespeare_char"],
+                  "Configs from configs/, with an optional :variant.")
+flags.DEFINE_list("modes", list(benchmark.MODES), f"Subset of {list(benchmark.MODES)}.")
+flags.DEFINE_integer("full_batch", 8, "Batch for the full shakespeare_char config (fits here).")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds after one warm-up round.")
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 matmuls.")
+flags.DEFINE_float("estimator_fraction", 0.125, "Fraction of positions for the estimator.")
+flags.DEFINE_float("peer_tokens_per_s", 19000.0, "nanoGPT eager CPU rate to compare CE with.")
+flags.DEFINE_string("out", "benchmarks", "Folder for benchmark.json and benchmark.md.")
+FLAGS = flags.FLAGS
+
+
+def load_config(spec: str):
+    import importlib
+
+    name, _, variant = spec.partition(":")
+    config = importlib.import_module(f"configs.{name}").get_config(variant or None)
+    config.model.vocab_size = 65  # Tiny Shakespeare's character set
+    config.model.dropout = 0.0
+    if name == "shakespeare_char" and not variant.startswith("cpu"):
+        config.batch_size = FLAGS.full_batch
+        spec = f"{spec} (batch {FLAGS.full_batch})"
+    if FLAGS.device != "cpu":
+        config.model.dtype = "bfloat16"
+    return spec, config
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    modes = {name: dict(benchmark.MODES[name]) for name in FLAGS.modes}
+    if "head_estimator" in modes:
+        modes["head_estimator"]["barrier_fraction"] = FLAGS.estimator_fraction
+    rate = metrics.measure_matmul_flops()
+    print(f"measured 2048^2 float32 matmul: {rate / 1e9:.0f} GFLOP/s on "
+          f"{jax.devices()[0].device_kind}", flush=True)
+    rows, spreads = [], []
+    for spec in FLAGS.configs:
+        label, config = load_config(spec)
+        rows += benchmark.benchmark_config(label, config, modes, rounds=FLAGS.rounds,
+                                           matmul_rate=rate,
+                                           log=lambda s: print(s, flush=True))
+        if "head_estimator" in modes:
+            spreads.append({"config": label, **benchmark.estimator_spread(
+                config, FLAGS.estimator_fraction)})
+    targets_md, targets = benchmark.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s)
+    spread_lines = ["| config | fraction | exact barrier | estimator mean | std | relative std |",
+                    "|---|---|---|---|---|---|"]
+    spread_lines += [f"| {s['config']} | {s['fraction']} | {s['exact']:.5f} | {s['mean']:.5f} | "
+                     f"{s['std']:.5f} | {s['relative_std']:.3f} |" for s in spreads]
+    report = "\n\n".join([
+        f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, matmul {rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
+        "## Measurements", benchmark.format_table(rows),
+        "## Barrier estimator spread (32 draws, initial parameters)", "\n".join(spread_lines),
+        "## Targets", targets_md])
+    out = Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(report + "\n")
+    (out / "benchmark.json").write_text(json.dumps(
+        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "targets": targets,
+         "command": " ".join(sys.argv)}, indent=2))
+    print("\n" + report, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: _bootstrap.run_main(main, argv))

@@ -1,0 +1,191 @@
+"""Step-time, memory and arithmetic-floor measurements behind ``scripts/benchmark.py``.
+
+Every mode of one config is compiled, then timed in interleaved rounds (one step of each mode
+per round) so that machine noise hits all modes alike; medians are reported. Memory is XLA's
+own account of the compiled step (arguments + outputs + temporaries - aliased), which is
+deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes (forward and
+backward = 3 x forward) divided by this machine's measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from stm_jax import metrics, steps
+
+# name -> objective overrides; "ce" is the baseline every ratio refers to.
+MODES = {
+    "ce": {"lambda_m": 0.0},
+    "head": {"lambda_m": 0.02, "scope": "head"},
+    "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 32},
+    "layer": {"lambda_m": 0.02, "scope": "layer"},
+    "head_estimator": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 0.125},
+}
+
+
+def barrier_forward_flops(model_cfg, batch: int, scope: str, fraction: float = 1.0) -> float:
+    """FLOPs of the barrier's forward pass over all layers, counted from the shapes.
+
+    Per layer, sequence and head: the key projection through P_Q (2 T p^2), the outer products
+    (T p^2) and their attention-weighted sum (2 n T p^2, the dominant matmul), the rank-one
+    terms (4 n p^2), and an LU determinant (2/3 p^3 per token); n = positions evaluated. The
+    "layer" scope forms (Hp x Hp) blocks: H times the matmul work, and (2/3)(Hp)^3 per token.
+    """
+    heads, context = model_cfg.num_heads, model_cfg.context
+    head_dim = model_cfg.d_model // heads
+    rows = max(1, round(fraction * context))
+    width = head_dim * (heads if scope == "layer" else 1)  # columns of each block row
+    per_head = (2 * context * head_dim * width + context * head_dim * width
+                + 2 * rows * context * head_dim * width + 4 * rows * head_dim * width)
+    det_size = head_dim * heads if scope == "layer" else head_dim
+    dets = (2 / 3) * det_size**3 * rows * (1 if scope == "layer" else heads)
+    return float(model_cfg.num_layers * batch * (heads * per_head + dets))
+
+
+def _mode_config(base, overrides: dict):
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.objective.update(overrides)
+    return config
+
+
+def _compile(config, inputs):
+    tx = steps.make_optimizer(config.optimizer, config.num_steps)
+    graphdef, state = steps.init_state(config, tx)
+    start = time.perf_counter()
+    compiled = jax.jit(steps.make_train_step(graphdef, config, tx)).lower(
+        state, inputs, inputs).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    peak = None
+    if memory is not None:
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return compiled, state, compile_s, peak
+
+
+def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate: float,
+                     log=print) -> list[dict]:
+    """Compile every mode of ``config``, time them interleaved, return one row per mode."""
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, config.model.vocab_size,
+                          (config.batch_size, config.model.context)).astype(np.int32)
+    compiled = {}
+    for mode, overrides in modes.items():
+        compiled[mode] = _compile(_mode_config(config, overrides), inputs)
+        log(f"{name}/{mode}: compiled in {compiled[mode][2]:.1f}s")
+    times = {mode: [] for mode in modes}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for mode, (step, state, _, _) in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(state, inputs, inputs))
+            times[mode].append(time.perf_counter() - start)
+    tokens = config.batch_size * config.model.context
+    model_flops = metrics.transformer_flops_per_token(
+        config.model.num_layers, config.model.d_model, config.model.num_heads,
+        config.model.context, config.model.vocab_size, config.model.mlp_ratio)
+    ce_time, ce_memory = statistics.median(times["ce"][1:]), compiled["ce"][3]
+    rows = []
+    for mode, overrides in modes.items():
+        step_s = statistics.median(times[mode][1:])
+        memory = compiled[mode][3] or 0
+        row = {"config": name, "mode": mode, "compile_s": compiled[mode][2],
+               "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
+               "peak_memory_mb": memory / 2**20,
+               "mfu": tokens / step_s * model_flops / matmul_rate,
+               "step_vs_ce": step_s / ce_time,
+               "memory_vs_ce": memory / max(ce_memory or 1, 1)}
+        if overrides.get("lambda_m", 0) > 0:
+            floor_s = 3 * barrier_forward_flops(
+                config.model, config.batch_size, overrides["scope"],
+                overrides.get("barrier_fraction", 1.0)) / matmul_rate
+            row.update(floor_ms=1e3 * floor_s,
+                       overhead_vs_floor=(step_s - ce_time) / floor_s)
+        rows.append(row)
+        log(f"{name}/{mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
+            f"{row['peak_memory_mb']:.0f} MB")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of every measurement."""
+    header = ("| config | mode | step ms | tokens/s | x CE time | peak MB | x CE memory | MFU | "
+              "barrier floor ms | overhead / floor | compile s |")
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        floor = f"{r['floor_ms']:.1f}" if "floor_ms" in r else "-"
+        over = f"{r['overhead_vs_floor']:.2f}" if "overhead_vs_floor" in r else "-"
+        lines.append(f"| {r['config']} | {r['mode']} | {r['step_ms']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['memory_vs_ce']:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | "
+                     f"{floor} | {over} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def estimator_spread(config, fraction: float, draws: int = 32) -> dict:
+    """Mean and spread of the subset estimator of the barrier against the exact value.
+
+    Evaluated at the initial parameters on one fixed batch; each draw is a new subset key.
+    """
+    from flax import nnx
+
+    from stm_jax import objective
+
+    tx = steps.make_optimizer(config.optimizer, config.num_steps)
+    graphdef, state = steps.init_state(config, tx)
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, config.model.vocab_size,
+                          (config.batch_size, config.model.context)).astype(np.int32)
+    cfg = ml_collections.ConfigDict(config.objective.to_dict())
+    cfg.update(lambda_m=0.02, scope="head")
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def barrier_value(params, key, fraction):
+        model = nnx.merge(graphdef, params)
+        positions = objective.barrier_positions(inputs.shape[-1], fraction, key)
+        _, stats = model(inputs, scope="head", positions=positions)
+        return objective.barrier_term(stats, cfg)[0]
+
+    exact = float(barrier_value(state["params"], None, 1.0))
+    estimates = np.array([float(barrier_value(state["params"], jax.random.PRNGKey(i), fraction))
+                          for i in range(draws)])
+    return {"fraction": fraction, "exact": exact, "mean": float(estimates.mean()),
+            "std": float(estimates.std(ddof=1)), "draws": draws,
+            "relative_std": float(estimates.std(ddof=1) / abs(exact)) if exact else None}
+
+
+def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, list[dict]]:
+    """The issue's targets, each with the measured value next to it and whether it is met."""
+    by = {(r["config"], r["mode"]): r for r in rows}
+    targets = []
+
+    def add(name, measured, goal, met):
+        targets.append({"target": name, "measured": measured, "goal": goal, "met": bool(met)})
+
+    for config in dict.fromkeys(r["config"] for r in rows):
+        for mode in ("head", "head_chunked"):
+            if (config, mode) in by:
+                r = by[(config, mode)]
+                add(f"{config}: {mode} barrier peak memory / CE", f"{r['memory_vs_ce']:.2f}x",
+                    "<= 1.5x", r["memory_vs_ce"] <= 1.5)
+                add(f"{config}: {mode} barrier overhead / arithmetic floor",
+                    f"{r['overhead_vs_floor']:.2f}x", "<= 1.3x", r["overhead_vs_floor"] <= 1.3)
+        if (config, "head_estimator") in by:
+            r = by[(config, "head_estimator")]
+            add(f"{config}: estimator step time / CE", f"{r['step_vs_ce']:.2f}x", "<= 1.3x",
+                r["step_vs_ce"] <= 1.3)
+        if config.startswith("shakespeare_char:cpu") and (config, "ce") in by:
+            r = by[(config, "ce")]
+            add(f"{config}: CE-only tokens/s (nanoGPT eager CPU ~{peer_tokens_per_s:,.0f})",
+                f"{r['tokens_per_s']:,.0f}", f">= {peer_tokens_per_s:,.0f}",
+                r["tokens_per_s"] >= peer_tokens_per_s)
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+              for t in targets]
+    return "\n".join(lines), targets
