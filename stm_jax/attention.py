@@ -23,6 +23,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stm_jax import logdet
+
 Scope = Literal["none", "head", "layer", "both"]
 SCOPES = ("none", "head", "layer", "both")
 
@@ -155,8 +157,7 @@ def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Determinants in float32 at least, even when the matmuls run in bfloat16.
     b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
     eye = jnp.eye(b.shape[-1], dtype=b.dtype)
-    sign, logabsdet = jnp.linalg.slogdet(eye - b)
-    return sign, logabsdet
+    return logdet.slogdet(eye - b)
 
 
 def _stats_of_rows(params: dict, m: Moments, rows: QueryRows, scope: Scope) -> dict:
