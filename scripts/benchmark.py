@@ -12,7 +12,7 @@ from pathlib import Path
 
 import _bootstrap
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from stm_jax import benchmark, metrics
 
@@ -82,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: _bootstrap.run_main(main, argv))
+    _bootstrap.run(main)

@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: _bootstrap.run_main(main, argv))
+    _bootstrap.run(main)

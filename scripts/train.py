@@ -1,10 +1,12 @@
 """Train a model: ``python scripts/train.py --config=configs/tiny.py:margin --workdir=DIR``.
 
 Rerunning with the same workdir resumes from its latest checkpoint. Override any config key
-with ``--config.key=value`` (e.g. ``--config.data.text_file=input.txt``).
+with ``--config.key=value`` (e.g. ``--config.data.text_file=input.txt``). SIGTERM or Ctrl-C
+saves the current step and exits with code 0 (run the same command to resume); a second one
+exits at once. Errors you can fix are one ``error: ...`` line on stderr and exit code 2.
 """
 
-import _bootstrap  # noqa: F401  (repo root on sys.path)
+import _bootstrap  # repo root on sys.path, one-line errors
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: _bootstrap.run_main(main, argv))
+    _bootstrap.run(main)

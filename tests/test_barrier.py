@@ -108,6 +108,7 @@ def test_exact_slope_at_the_joins_and_for_eps_above_one(x64):
                 expected = -1 / x
             got = jax.grad(lambda y, e=eps: barrier.barrier_of_det(y, e))(x)
             np.testing.assert_allclose(got, expected, rtol=1e-12)
-            got = jax.grad(lambda lg, s=np.sign(x), e=eps: barrier.smooth_log_barrier(s, lg, e))(
+            sign = float(np.sign(x))
+            got = jax.grad(lambda lg, s=sign, e=eps: barrier.smooth_log_barrier(s, lg, e))(
                 np.log(abs(x)))
             np.testing.assert_allclose(got, expected * x, rtol=1e-12)  # d/dlog|x| = x d/dx
