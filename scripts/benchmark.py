@@ -24,6 +24,8 @@ flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds after one warm-up r
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 matmuls.")
 flags.DEFINE_float("estimator_fraction", 0.125, "Fraction of positions for the estimator.")
 flags.DEFINE_float("peer_tokens_per_s", 19000.0, "nanoGPT eager CPU rate to compare CE with.")
+flags.DEFINE_bool("single_barrier", True,
+                  "Also time one barrier evaluation at T=256, d=384, H=6 (float32).")
 flags.DEFINE_string("out", "benchmarks", "Folder for benchmark.json and benchmark.md.")
 FLAGS = flags.FLAGS
 
@@ -61,6 +63,10 @@ def main(argv):
         if "head_estimator" in modes:
             spreads.append({"config": label, **benchmark.estimator_spread(
                 config, FLAGS.estimator_fraction)})
+    single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []
+    single_lines = ["| scope | pass | ms | XLA temporary MB |", "|---|---|---|---|"]
+    single_lines += [f"| {r['scope']} | {r['pass']} | {r['ms']:.1f} | {r['temp_mb']:.1f} |"
+                     for r in single]
     targets_md, targets = benchmark.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s)
     spread_lines = ["| config | fraction | exact barrier | estimator mean | std | relative std |",
                     "|---|---|---|---|---|---|"]
@@ -71,12 +77,15 @@ def main(argv):
         f"{jax.devices()[0].device_kind}, matmul {rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
         "## Measurements", benchmark.format_table(rows),
         "## Barrier estimator spread (32 draws, initial parameters)", "\n".join(spread_lines),
+        "## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, float32)",
+        "\n".join(single_lines),
         "## Targets", targets_md])
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(report + "\n")
     (out / "benchmark.json").write_text(json.dumps(
-        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "targets": targets,
+        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "single_barrier": single,
+         "targets": targets,
          "command": " ".join(sys.argv)}, indent=2))
     print("\n" + report, flush=True)
 

@@ -14,6 +14,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -189,3 +190,36 @@ def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, l
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in targets]
     return "\n".join(lines), targets
+
+
+def single_barrier_evaluation(tokens: int = 256, d_model: int = 384, num_heads: int = 6,
+                              repeats: int = 5) -> list[dict]:
+    """Time and XLA memory of one barrier evaluation (one sequence, one layer, float32).
+
+    The value is the mean smooth barrier over the sequence's tokens, from the attention
+    parameters and the layer input; forward only, and forward + gradient.
+    """
+    from stm_jax import attention, barrier
+
+    params = attention.init_attention_params(jax.random.PRNGKey(0), d_model, num_heads,
+                                             d_model // num_heads)
+    u = jax.random.normal(jax.random.PRNGKey(1), (tokens, d_model))
+    rows = []
+    for scope in ("head", "layer"):
+        def value(params, scope=scope):
+            stats = attention.causal_self_attention(params, u, scope=scope)[1]
+            if scope == "head":
+                return jnp.mean(barrier.smooth_log_barrier(stats.head_sign, stats.head_logdet))
+            return jnp.mean(barrier.smooth_log_barrier(stats.sign, stats.logdet))
+
+        for kind, fn in (("forward", value), ("forward+grad", jax.grad(value))):
+            compiled = jax.jit(fn).lower(params).compile()
+            memory = compiled.memory_analysis()
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(params))
+                times.append(time.perf_counter() - start)
+            rows.append({"scope": scope, "pass": kind, "ms": 1e3 * statistics.median(times[1:]),
+                         "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None})
+    return rows
