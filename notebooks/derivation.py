@@ -82,14 +82,7 @@ assert np.any(stats.sign < 0) and np.any(stats.sign > 0)
 # %%
 def residual_map(params, head=None):
     """e = u - attention(u): all heads, or head `head` acting alone."""
-
-    def residual(u):
-        m = attention.attention_moments(params, u)
-        if head is None:
-            return u - attention.attention_output(params, m)
-        return u - m.o[head] @ params["wo"][head]
-
-    return residual
+    return lambda u: attention.residual(params, u, head)
 
 
 full_jacobian = jax.jit(lambda u: jax.jacfwd(residual_map(params))(u))

@@ -71,6 +71,18 @@ def attention_output(params: dict, m: Moments) -> jax.Array:
     return jnp.einsum("htp,hpd->td", m.o, params["wo"])
 
 
+def residual(params: dict, u: jax.Array, head: int | None = None) -> jax.Array:
+    """e = u - out, the map whose diagonal Jacobian blocks are J_t (math.md section 1).
+
+    With ``head``, only that head's contribution is subtracted: the map whose blocks are the
+    per-head J_t^h. Used as the autodiff oracle in the tests and the derivation notebook.
+    """
+    m = attention_moments(params, u)
+    if head is None:
+        return u - attention_output(params, m)
+    return u - m.o[head] @ params["wo"][head]
+
+
 def weight_products(params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """P_Q, P_K, P_V with ``P_X[h, g] = W_X^h W_O^g`` (p x p), shape (H, H, p, p).
 

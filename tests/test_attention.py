@@ -14,14 +14,7 @@ from stm_jax import attention
 
 def residual_map(params, head=None):
     """e = u - out (all heads, or one head alone): the map whose diagonal blocks are J_t."""
-
-    def residual(u):
-        m = attention.attention_moments(params, u)
-        if head is None:
-            return u - attention.attention_output(params, m)
-        return u - m.o[head] @ params["wo"][head]
-
-    return residual
+    return lambda u: attention.residual(params, u, head)
 
 
 @functools.partial(jax.jit, static_argnames="head")
