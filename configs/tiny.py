@@ -3,7 +3,7 @@
 Expected: about 10-20 s on one CPU core for 60 steps (compile included); the loss falls
 from ln(vocab) but the model learns little. Use with any text file:
 
-    python scripts/train.py --config=configs/tiny.py:margin --workdir=/tmp/tiny \\
+    python scripts/train.py --config=configs/tiny.py:margin --workdir=runs/tiny \\
         --config.data.text_file=path/to/text.txt
 """
 
