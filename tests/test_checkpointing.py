@@ -1,6 +1,5 @@
 """Checkpointer: round trips, retention, killed saves, and restore errors that touch no file."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _train_helpers import snapshot
 
 from stm_jax.checkpointing import Checkpointer, CheckpointError
 
@@ -38,20 +38,6 @@ def replicated():
 
 def abstract_of(state, sharding=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file and folder under ``directory``: relative path -> sha256 (or 'dir')."""
-    listing = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            listing[os.path.relpath(os.path.join(root, name), directory)] = "dir"
-        for name in files:
-            path = os.path.join(root, name)
-            listing[os.path.relpath(path, directory)] = hashlib.sha256(
-                Path(path).read_bytes()
-            ).hexdigest()
-    return listing
 
 
 def assert_equal_trees(a, b):

@@ -5,10 +5,8 @@ optax's cross-entropy on the same windows, the noise by hand from the documented
 with ``attention.margins`` on each layer's input, greedy sampling with one forward pass.
 """
 
-import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_helpers import snapshot
 
 from configs import tiny
 from stm_jax import attention, data, evaluate, restore, sampling, train
@@ -27,19 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCHES = 2  # equal to tiny's eval_batches, so training's own validation BPC is comparable
 SETTINGS = dict(sigmas=(0.0, 0.5, 1.0), max_batches=MAX_BATCHES, margin_batches=1,
                 margin_batch_size=4, bottom_k=5, support_windows=2, seed=3)
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file and folder under ``directory``: relative path -> sha256 (or 'dir')."""
-    listing = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            listing[os.path.relpath(os.path.join(root, name), directory)] = "dir"
-        for name in files:
-            path = Path(root, name)
-            listing[str(path.relative_to(directory))] = hashlib.sha256(
-                path.read_bytes()).hexdigest()
-    return listing
 
 
 @pytest.fixture(scope="module")
