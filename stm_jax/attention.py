@@ -172,8 +172,8 @@ def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return logdet.slogdet(eye - b)
 
 
-def _stats_of_rows(params: dict, m: Moments, rows: QueryRows, scope: Scope) -> dict:
-    pq, pk, pv = weight_products(params)
+def _stats_of_rows(products: tuple, m: Moments, rows: QueryRows, scope: Scope) -> dict:
+    pq, pk, pv = products
     stats = {}
     if scope in ("layer", "both"):
         blocks = layer_block_matrix(m, rows, pq, pk, pv)
@@ -202,8 +202,9 @@ def jacobian_stats(
         raise ValueError(f"unknown Jacobian scope {scope!r}; expected one of {SCOPES}")
     if scope == "none":
         return AttentionStats()
+    products = weight_products(params)  # shared by every token and chunk: computed once
     if positions is None and chunk_size <= 0:
-        return AttentionStats(**_stats_of_rows(params, m, query_rows(m), scope))
+        return AttentionStats(**_stats_of_rows(products, m, query_rows(m), scope))
     if positions is None:
         positions = jnp.arange(m.q.shape[1])
     num = positions.shape[0]
@@ -214,7 +215,7 @@ def jacobian_stats(
 
     @jax.checkpoint
     def chunk_stats(chunk_positions):
-        return _stats_of_rows(params, m, query_rows(m, chunk_positions), scope)
+        return _stats_of_rows(products, m, query_rows(m, chunk_positions), scope)
 
     stats = jax.lax.map(chunk_stats, padded.reshape(num_chunks, chunk_size))
     def merge(x):  # (chunks, [H,] chunk) -> ([H,] n)

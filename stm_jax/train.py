@@ -372,8 +372,7 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
                   file=sys.stderr, flush=True)
         return {"status": "preempted", "step": step, "signal": stop.signal_name}
 
-    final = _evaluate_and_log(config, eval_step, state, splits, batch_sharding, writer, step,
-                              max_batches=config.eval_batches)
+    final = _evaluate_and_log(config, eval_step, state, splits, batch_sharding, writer, step)
     ckpt.save(step, state, metadata=metadata, force=True)
     ckpt.wait()
     wall_s = time.perf_counter() - run_start
