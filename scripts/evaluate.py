@@ -1,8 +1,9 @@
 """Evaluate a trained workdir: ``python scripts/evaluate.py --workdir=DIR``.
 
-Writes ``eval_results.json``, ``eval_report.md``, ``bpc_vs_sigma.png`` and ``margin_hist.png``
-into the workdir (checkpoints are only read) and prints a short summary. The metrics are those
-of docs/math.md section 6; ``stm_jax.evaluate.evaluate_workdir`` does the work.
+Writes ``eval_results.json``, ``eval_report.md``, ``bpc_vs_sigma.png``, ``margin_hist.png``
+and ``margins.npz`` into the workdir (checkpoints are only read) and prints a short summary.
+The metrics are those of docs/math.md section 6; ``stm_jax.evaluate.evaluate_workdir`` does
+the work.
 """
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
@@ -63,8 +64,8 @@ def main(argv):
         margin_batch_size=FLAGS.margin_batch_size, tau=FLAGS.tau, bottom_k=FLAGS.bottom_k,
         support_windows=FLAGS.support_windows, seed=FLAGS.seed)
     print("\n".join(summary_lines(results)))
-    print(f"wrote {evaluate.REPORT_FILE}, {evaluate.RESULTS_FILE}, {evaluate.BPC_PLOT} and "
-          f"{evaluate.MARGIN_PLOT} in {FLAGS.workdir}")
+    print(f"wrote {evaluate.REPORT_FILE}, {evaluate.RESULTS_FILE}, {evaluate.BPC_PLOT}, "
+          f"{evaluate.MARGIN_PLOT} and {evaluate.MARGINS_FILE} in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

@@ -121,12 +121,18 @@ def query_rows(m: Moments, positions: jax.Array | None = None) -> QueryRows:
 def _weighted_outer_sum(attn: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
     """sum_s a_ts left_s right_s^T for every row t, as one matmul over s.
 
-    attn: (H, n, T), left: (H, T, p), right: (H, T, r) -> (H, n, p, r). Forming the (T, p r)
-    outer products first makes forward and backward plain matrix products.
+    attn: (H, n, T), left: (H, T, p), right: (H, T, r) -> (H, n, p, r). Either form the
+    (T, p r) outer products of every key, or scale the keys' left vectors by each row's weights
+    ((n, T, p)); whichever intermediate is smaller. With few rows (the barrier estimator) the
+    second is n / r of the first. Both make forward and backward plain matrix products.
     """
     heads, num_keys, p = left.shape
+    num_rows, width = attn.shape[1], right.shape[-1]
+    if num_rows < width:
+        scaled = attn[..., None, :] * jnp.swapaxes(left, 1, 2)[:, None]  # (H, n, p, T)
+        return jnp.einsum("hnis,hsj->hnij", scaled, right)
     outer = (left[..., :, None] * right[..., None, :]).reshape(heads, num_keys, -1)
-    return jnp.matmul(attn, outer).reshape(*attn.shape[:2], p, right.shape[-1])
+    return jnp.matmul(attn, outer).reshape(heads, num_rows, p, width)
 
 
 def layer_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
@@ -203,8 +209,8 @@ def jacobian_stats(
     if scope == "none":
         return AttentionStats()
     products = weight_products(params)  # shared by every token and chunk: computed once
-    if positions is None and chunk_size <= 0:
-        return AttentionStats(**_stats_of_rows(products, m, query_rows(m), scope))
+    if chunk_size <= 0:
+        return AttentionStats(**_stats_of_rows(products, m, query_rows(m, positions), scope))
     if positions is None:
         positions = jnp.arange(m.q.shape[1])
     num = positions.shape[0]

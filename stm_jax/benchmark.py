@@ -24,7 +24,7 @@ from stm_jax import metrics, steps
 MODES = {
     "ce": {"lambda_m": 0.0},
     "head": {"lambda_m": 0.02, "scope": "head"},
-    "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 32},
+    "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 8},
     "layer": {"lambda_m": 0.02, "scope": "layer"},
     "head_estimator": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 0.125},
 }

@@ -14,7 +14,8 @@ It restores the latest checkpoint (read-only), then measures
   b_t, and the support tokens (m_t <= tau, and the bottom-k per window), shown in the text.
 
 Everything is written into the workdir atomically (temp file + ``os.replace``):
-``eval_results.json``, ``eval_report.md``, ``bpc_vs_sigma.png`` and ``margin_hist.png``.
+``eval_results.json``, ``eval_report.md``, ``bpc_vs_sigma.png``, ``margin_hist.png`` and
+``margins.npz`` (the raw per-token margins and their windows, for plots across runs).
 Checkpoints are only read. Margins need one SVD per token and layer, so they are computed on a
 bounded number of windows (``margin_batches`` x ``margin_batch_size``), never a whole split.
 """
@@ -43,6 +44,7 @@ RESULTS_FILE = "eval_results.json"
 REPORT_FILE = "eval_report.md"
 BPC_PLOT = "bpc_vs_sigma.png"
 MARGIN_PLOT = "margin_hist.png"
+MARGINS_FILE = "margins.npz"
 DEFAULT_SIGMAS = (0.0, 0.1, 0.25, 0.5, 1.0)
 NOISE_MODES = ("absolute", "relative")
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -512,7 +514,7 @@ def evaluate_workdir(
                      "seed": seed},
         "splits": split_results, "skipped_splits": skipped, "margins": margins,
     }
-    _write_outputs(workdir, results, stats, tau)
+    _write_outputs(workdir, results, stats, tau, margin_inputs)
     return results
 
 
@@ -522,10 +524,21 @@ def _describe_objective(objective_cfg) -> str:
             f"lambda_s={objective_cfg.get('lambda_s', 0):g})")
 
 
-def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float) -> None:
+def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
+    """The margin windows' token ids (N, T), margins and signs (L, N, T), head margins."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, inputs=inputs.astype(np.int32),
+                        margin=stats["margin"].astype(np.float32), sign=stats["sign"],
+                        head_margin=stats["head_margin"].astype(np.float32))
+    return buffer.getvalue()
+
+
+def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
+                   margin_inputs: np.ndarray) -> None:
     _atomic_write(workdir / RESULTS_FILE,
                   (json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n").encode())
     _atomic_write(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
     _atomic_write(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
     _atomic_write(workdir / MARGIN_PLOT,
                   plot_margin_hist(stats["margin"], stats["sign"], tau, results["step"]))
+    _atomic_write(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))

@@ -133,6 +133,24 @@ def test_margins_and_support_tokens_match_attention_oracle(workdir, evaluated, t
     assert 0.0 <= results["margins"]["layers"][0]["infeasible_fraction"] <= 1.0
 
 
+def test_margins_npz_holds_the_reported_windows(workdir, evaluated, trained):
+    results, _, _ = evaluated
+    _, config, vocab, _ = trained
+    with np.load(workdir / evaluate.MARGINS_FILE) as saved:
+        inputs, margin, head_margin = saved["inputs"], saved["margin"], saved["head_margin"]
+    num_windows = results["margins"]["num_windows"]
+    assert inputs.shape == (num_windows, config.model.context)
+    assert margin.shape == (config.model.num_layers, *inputs.shape)
+    assert head_margin.shape == (config.model.num_layers, num_windows, config.model.num_heads,
+                                 config.model.context)
+    for window in results["margins"]["windows"]:
+        index = window["window"]
+        assert vocab.decode(inputs[index]) == window["text"]
+        for layer in window["layers"]:
+            np.testing.assert_allclose(margin[layer["layer"], index], layer["margin"], rtol=1e-6)
+    assert float(margin[0].min()) == pytest.approx(results["margins"]["layers"][0]["margin_min"])
+
+
 def test_checkpoints_untouched_by_evaluation(evaluated):
     _, before, after = evaluated
     assert before == after and before

@@ -16,6 +16,7 @@ NOTEBOOK_DIR = Path(__file__).parents[1] / "notebooks"
 NOTEBOOKS = [
     "derivation",
     "colab_tpu",  # its CPU smoke-test form (STM_JAX_NOTEBOOK_SMOKE=1)
+    "support_tokens",  # trains configs/tiny.py:margin itself (no STM_JAX_WORKDIR)
 ]
 CELL_TIMEOUT_S = 300
 
