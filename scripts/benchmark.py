@@ -72,14 +72,17 @@ def main(argv):
                     "|---|---|---|---|---|---|"]
     spread_lines += [f"| {s['config']} | {s['fraction']} | {s['exact']:.5f} | {s['mean']:.5f} | "
                      f"{s['std']:.5f} | {s['relative_std']:.3f} |" for s in spreads]
-    report = "\n\n".join([
+    sections = [
         f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, matmul {rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
-        "## Measurements", benchmark.format_table(rows),
-        "## Barrier estimator spread (32 draws, initial parameters)", "\n".join(spread_lines),
-        "## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, float32)",
-        "\n".join(single_lines),
-        "## Targets", targets_md])
+        "## Measurements", benchmark.format_table(rows)]
+    if spreads:
+        sections += ["## Barrier estimator spread (32 draws, initial parameters)",
+                     "\n".join(spread_lines)]
+    if single:
+        sections += ["## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, "
+                     "float32)", "\n".join(single_lines)]
+    report = "\n\n".join([*sections, "## Targets", targets_md])
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(report + "\n")
