@@ -14,17 +14,11 @@ from pathlib import Path
 
 from stm_jax import claims
 from stm_jax.experiments import BARRIER_RUN, CE_RUN, Experiment
+from stm_jax.run_plan import read_json
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction")
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _number(value) -> float | None:
@@ -89,9 +83,9 @@ def collect_runs(experiment: Experiment, experiment_dir: Path) -> list[dict]:
         folders = [p for p in (experiment_dir / "runs" / run.name).glob("seed*")
                    if p.name[4:].isdigit()]
         for folder in sorted(folders, key=lambda p: int(p.name[4:])):
-            summary = _read_json(folder / "train_summary.json") or {}
-            results = _read_json(folder / "eval_results.json") or {}
-            config = _read_json(folder / "config.json") or {}
+            summary = read_json(folder / "train_summary.json") or {}
+            results = read_json(folder / "eval_results.json") or {}
+            config = read_json(folder / "config.json") or {}
             if summary.get("status") != "finished" or results.get("step") != summary.get("step"):
                 continue
             found.append({"run": run.name, "seed": config.get("seed"), "step": summary["step"],

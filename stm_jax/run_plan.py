@@ -156,7 +156,8 @@ def shell_line(command: tuple[str, ...]) -> str:
     return "python " + shlex.join(command)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A run folder's JSON record, or None when it is missing or half-written."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -165,10 +166,10 @@ def _read_json(path: Path) -> dict | None:
 
 def run_state(plan: RunPlan) -> str:
     """"evaluated" (nothing to do), "trained" (evaluate only) or "pending" (train, evaluate)."""
-    results = _read_json(plan.workdir / "eval_results.json") or {}
+    results = read_json(plan.workdir / "eval_results.json") or {}
     if results.get("step") == plan.num_steps:
         return "evaluated"
-    summary = _read_json(plan.workdir / "train_summary.json") or {}
+    summary = read_json(plan.workdir / "train_summary.json") or {}
     if summary.get("status") == "finished" and summary.get("step") == plan.num_steps:
         return "trained"
     return "pending"
@@ -190,7 +191,7 @@ def check_workdir_settings(plan: RunPlan) -> None:
 
     Catches a changed --override, experiment default or config file between two invocations.
     """
-    saved = _read_json(plan.workdir / "config.json")
+    saved = read_json(plan.workdir / "config.json")
     if saved is None:
         return
     saved = flatten(saved)
