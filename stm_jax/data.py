@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stm_jax import atomic_files
 from stm_jax.datasets import common
 from stm_jax.datasets.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
 from stm_jax.datasets.wikitext2_raw_char import Wikitext2RawChar
@@ -118,7 +118,7 @@ class Vocab:
     def save(self, path: str | os.PathLike) -> None:
         """Writes JSON atomically (temp file + rename): a crash never leaves half a vocab."""
         payload = {"format": _VOCAB_FORMAT, "unknown": self.unknown, "chars": list(self.chars)}
-        _atomic_write_text(Path(path), json.dumps(payload) + "\n")
+        atomic_files.write_text(path, json.dumps(payload) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
@@ -150,22 +150,6 @@ def _list_chars(codes: np.ndarray) -> str:
         listed += f" and {len(ordered) - _MAX_LISTED_CHARS} more"
     return listed
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the vocabulary is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stm_jax import barrier, data
+from stm_jax import atomic_files, barrier, data
 from stm_jax.restore import load_trained
 
 RESULTS_FILE = "eval_results.json"
@@ -212,21 +210,6 @@ def support_window_details(inputs: np.ndarray, stats: dict, vocab: data.Vocab, *
 # Writing files
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp file in the same folder, then ``os.replace``: readers never see half a file.
-
-    The temp name is made here (not by mkstemp) so the file gets the umask's permissions.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as file:
-            file.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     """Strict JSON: NaN and infinities become strings (as in metrics.jsonl)."""
     if isinstance(value, dict):
@@ -238,7 +221,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """A matplotlib figure rendered as PNG (110 dpi), ready for an atomic write."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -258,7 +242,7 @@ def plot_bpc_vs_sigma(results: dict) -> bytes:
              title=f"BPC under embedding noise (step {results['step']})")
     axes.grid(alpha=0.3)
     axes.legend()
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_margin_hist(margin: np.ndarray, sign: np.ndarray, tau: float, step: int) -> bytes:
@@ -281,7 +265,7 @@ def plot_margin_hist(margin: np.ndarray, sign: np.ndarray, tau: float, step: int
         ax.set_ylabel("tokens")
     axes[-1].set_xlabel("margin to degeneracy m_t = sigma_min(J_t)")
     figure.suptitle(f"Margins to degeneracy (step {step})")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,10 +519,10 @@ def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
 
 def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
                    margin_inputs: np.ndarray) -> None:
-    _atomic_write(workdir / RESULTS_FILE,
+    atomic_files.write_bytes(workdir / RESULTS_FILE,
                   (json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n").encode())
-    _atomic_write(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
-    _atomic_write(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
-    _atomic_write(workdir / MARGIN_PLOT,
+    atomic_files.write_bytes(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
+    atomic_files.write_bytes(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
+    atomic_files.write_bytes(workdir / MARGIN_PLOT,
                   plot_margin_hist(stats["margin"], stats["sign"], tau, results["step"]))
-    _atomic_write(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))
+    atomic_files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))
