@@ -258,6 +258,13 @@ def _format_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def without_skipped_barrier(metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The metrics without "barrier" when the step skipped it (``barrier_evaluated`` 0)."""
+    if _scalar_or_none(metrics.get("barrier_evaluated")) == 0.0:
+        return {key: value for key, value in metrics.items() if key != "barrier"}
+    return metrics
+
+
 _PROGRESS_GROUPS = (("loss", "ce", "barrier"), ("bpc",))
 
 
@@ -274,11 +281,13 @@ def format_progress(
     """``step 120/2000 | loss 2.134 ce 2.101 barrier 1.65 | bpc 3.031 | 18.2k tok/s | mfu 21.3% |
     eta 3m12s``.
 
-    Missing metrics and ``None`` arguments are left out. ``mfu`` is a fraction. The ETA assumes
-    the remaining steps run at the pace of the ``step - start_step`` steps done in
-    ``elapsed_s`` (pass the resumed step as ``start_step``).
+    Missing metrics and ``None`` arguments are left out, and so is the barrier on a step
+    that did not evaluate it (``objective.barrier_step_fraction`` < 1). ``mfu`` is a fraction.
+    The ETA assumes the remaining steps run at the pace of the ``step - start_step`` steps
+    done in ``elapsed_s`` (pass the resumed step as ``start_step``).
     """
     parts = [f"step {step}/{num_steps}"]
+    metrics = without_skipped_barrier(metrics)
     for group in _PROGRESS_GROUPS:
         values = {key: _scalar_or_none(metrics.get(key)) for key in group}
         shown = [f"{key} {value:.4g}" for key, value in values.items() if value is not None]

@@ -11,6 +11,11 @@ Choices (configurable through the ``objective`` sub-config):
   * ``barrier_fraction`` < 1 estimates the barrier's mean from a uniformly random subset of
     that fraction of positions per step (shared by the batch and the layers): unbiased for the
     exact mean, at that fraction of the cost. Evaluation (no dropout key) is always exact.
+  * ``barrier_step_fraction`` < 1 evaluates the barrier on a random fraction q of training
+    steps only, weighted by 1/q ("lazy" regularisation, as StyleGAN2 does for R1): unbiased
+    for the barrier's gradient, at q times its cost. The training loop draws the steps
+    (``steps.barrier_schedule``) and runs one of two compiled steps, so the other steps cost
+    exactly a CE-only step; they log the barrier as NaN with ``barrier_evaluated`` 0.
   * ``chunk_size`` > 0 computes the log-dets in chunks of positions under ``jax.checkpoint``:
     the same numbers in bounded memory.
   * The prior's noise scales sigma_l are learned (log-parameterised, in the model) with a
@@ -48,6 +53,7 @@ def objective_config(variant: str = "ce", **overrides) -> ml_collections.ConfigD
         "barrier_eps": barrier.DEFAULT_EPS,
         "hyperprior_scale": 1.0,
         "barrier_fraction": 1.0,
+        "barrier_step_fraction": 1.0,
         "chunk_size": 0,
         **VARIANTS[variant],
     })
@@ -68,6 +74,9 @@ def validate(cfg) -> None:
         raise ValueError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
     if not 0 < cfg.get("barrier_fraction", 1.0) <= 1:
         raise ValueError(f"objective.barrier_fraction={cfg.barrier_fraction} must be in (0, 1]")
+    if not 0 < cfg.get("barrier_step_fraction", 1.0) <= 1:
+        raise ValueError(f"objective.barrier_step_fraction={cfg.barrier_step_fraction} must be "
+                         "in (0, 1]")
 
 
 def barrier_positions(num_tokens: int, fraction: float, key: jax.Array | None):
@@ -76,6 +85,11 @@ def barrier_positions(num_tokens: int, fraction: float, key: jax.Array | None):
         return None
     count = max(1, round(fraction * num_tokens))
     return jnp.sort(jax.random.choice(key, num_tokens, (count,), replace=False))
+
+
+def barrier_step_selected(key: jax.Array, step_fraction: float) -> jax.Array:
+    """Whether the step with this key evaluates the barrier: true with probability q."""
+    return jax.random.bernoulli(jax.random.fold_in(key, 2), step_fraction)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -120,9 +134,16 @@ def prior_term(
     return jnp.mean(per_token) + hyperprior / tokens_per_batch, diagnostics
 
 
-def map_objective(model, inputs, targets, cfg, *, dropout_key=None) -> tuple[jax.Array, dict]:
-    """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux)."""
-    scope = cfg.scope if cfg.lambda_m > 0 else "none"
+def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
+                  barrier_selected: bool | None = None) -> tuple[jax.Array, dict]:
+    """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux).
+
+    ``barrier_selected`` (a Python bool, so the skipped step compiles without the Jacobian
+    work) marks a step of the lazy barrier: True weighs the barrier by 1 /
+    ``barrier_step_fraction``, False leaves it out. None (default) evaluates it, weight 1.
+    """
+    skipped = barrier_selected is False
+    scope = cfg.scope if cfg.lambda_m > 0 and not skipped else "none"
     position_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
     positions = barrier_positions(inputs.shape[-1], cfg.get("barrier_fraction", 1.0),
                                   position_key)
@@ -131,9 +152,15 @@ def map_objective(model, inputs, targets, cfg, *, dropout_key=None) -> tuple[jax
                           chunk_size=cfg.get("chunk_size", 0))
     ce = cross_entropy(logits, targets)
     loss, aux = ce, {"ce": ce, "bpc": ce / math.log(2)}
-    if cfg.lambda_m > 0:
+    if cfg.lambda_m > 0 and skipped:
+        aux.update(barrier=jnp.float32(jnp.nan), barrier_evaluated=jnp.float32(0))
+    elif cfg.lambda_m > 0:
         barrier_value, diagnostics = barrier_term(stats, cfg)
-        loss = loss + cfg.lambda_m * barrier_value
+        weight = cfg.lambda_m
+        if barrier_selected:  # 1/q on the steps that evaluate it: unbiased
+            weight /= cfg.get("barrier_step_fraction", 1.0)
+            aux["barrier_evaluated"] = jnp.float32(1)
+        loss = loss + weight * barrier_value
         aux.update(barrier=barrier_value, **diagnostics)
     if cfg.lambda_s > 0:
         prior_value, diagnostics = prior_term(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -66,23 +67,51 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef, config, tx: optax.GradientTransformation):
+def step_key(seed: int, step) -> jax.Array:
+    """The random key of training step ``step`` (dropout, barrier positions and step draws):
+    a function of the step alone, so a resumed run replays exactly."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+def lazy_barrier(config) -> bool:
+    """Whether the barrier is evaluated on a random fraction of steps only."""
+    return config.objective.lambda_m > 0 and config.objective.get(
+        "barrier_step_fraction", 1.0) < 1.0
+
+
+def barrier_schedule(config, num_steps: int) -> np.ndarray | None:
+    """Which of steps 0 .. num_steps - 1 evaluate the barrier when
+    ``objective.barrier_step_fraction`` < 1 (each drawn from its step's key, so a resumed run
+    draws the same), or None when every step does."""
+    if not lazy_barrier(config):
+        return None
+    fraction = config.objective.barrier_step_fraction
+    draw = lambda step: objective.barrier_step_selected(  # noqa: E731
+        step_key(config.seed, step), fraction)
+    return np.asarray(jax.jit(jax.vmap(draw))(jnp.arange(num_steps)))
+
+
+def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
+                    barrier_selected: bool | None = None):
     """``train_step(state, inputs, targets) -> (state, metrics)``; jit it with shardings.
+
+    With the lazy barrier (``barrier_schedule`` not None) build one step with
+    ``barrier_selected=True`` and one with False, and run each on its scheduled steps.
 
     A non-finite loss or gradient never reaches the parameters: the update is skipped and
     counted, and ``metrics["finite"]`` tells the host, which stops or carries on according to
     ``config.nonfinite_policy``.
     """
     objective_cfg = config.objective
-    base_key = jax.random.PRNGKey(config.seed)
 
     def train_step(state, inputs, targets):
-        dropout_key = jax.random.fold_in(base_key, state["step"])  # replays exactly on resume
+        dropout_key = step_key(config.seed, state["step"])
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
             return objective.map_objective(model, inputs, targets, objective_cfg,
-                                           dropout_key=dropout_key)
+                                           dropout_key=dropout_key,
+                                           barrier_selected=barrier_selected)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         finite = jnp.isfinite(loss) & _all_finite(grads)

@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stm_jax import checkpointing, data, metrics, objective, steps
+from stm_jax import atomic_files, checkpointing, data, metrics, objective, steps
 from stm_jax.workdir import WorkdirError, WorkdirLock, prepare_workdir
 
 CONFIG_FILE = "config.json"
@@ -155,10 +155,8 @@ def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 class _StopRequest:
@@ -198,6 +196,7 @@ class _StopRequest:
 
 
 def _nonfinite_message(step: int, host_metrics: dict) -> str:
+    host_metrics = metrics.without_skipped_barrier(host_metrics)
     terms = {name: host_metrics[name] for name in ("ce", "barrier", "prior")
              if name in host_metrics}
     bad = [name for name, value in terms.items() if not np.isfinite(value)]
@@ -274,7 +273,7 @@ def _train(config, workdir: Path, splits, vocab, info) -> dict:
             state, _ = ckpt.restore(start_step, abstract, expected_metadata=metadata)
         if not (workdir / data.VOCAB_FILENAME).exists():
             vocab.save(workdir / data.VOCAB_FILENAME)
-        _write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+        _write_json(workdir / CONFIG_FILE, config.to_dict())
 
         _log(config, f"data: {info.get('source', info.get('name'))} | vocab {vocab.size} | "
              f"train {len(splits['train']):,} chars | validation {len(splits['validation']):,}")
@@ -295,9 +294,11 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
           start_step, metadata, shardings) -> dict:
     """Compile, train from ``start_step`` until ``num_steps`` or a stop request, evaluate."""
     replicated, batch_sharding = shardings
-    train_step = jax.jit(steps.make_train_step(graphdef, config, tx),
-                         in_shardings=(replicated, batch_sharding, batch_sharding),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+    jit_step = lambda **kwargs: jax.jit(  # noqa: E731
+        steps.make_train_step(graphdef, config, tx, **kwargs),
+        in_shardings=(replicated, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated), donate_argnums=0)
+    schedule = steps.barrier_schedule(config, config.num_steps)
     eval_step = jax.jit(steps.make_eval_step(graphdef, config.objective),
                         in_shardings=(replicated, batch_sharding, batch_sharding),
                         out_shardings=replicated)
@@ -309,7 +310,16 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
         return shard_batch(inputs, batch_sharding), shard_batch(targets, batch_sharding)
 
     compile_start = time.perf_counter()
-    compiled = train_step.lower(state, *batch_at(start_step)).compile()
+    if schedule is None:
+        compiled_step = jit_step().lower(state, *batch_at(start_step)).compile()
+        step_for = lambda step: compiled_step  # noqa: E731
+    else:  # the lazy barrier: a step with it and one without, each run on its drawn steps
+        by_draw = {drawn: jit_step(barrier_selected=drawn).lower(
+            state, *batch_at(start_step)).compile() for drawn in (True, False)}
+        step_for = lambda step: by_draw[bool(schedule[step])]  # noqa: E731
+        _log(config, f"lazy barrier: {schedule.mean():.1%} of the {config.num_steps} steps "
+             f"evaluate it (objective.barrier_step_fraction="
+             f"{config.objective.barrier_step_fraction})")
     compile_s = time.perf_counter() - compile_start
     flops_per_token = metrics.transformer_flops_per_token(
         config.model.num_layers, config.model.d_model, config.model.num_heads,
@@ -342,7 +352,7 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
 
     pending, step = None, start_step
     while step < config.num_steps and not stop.signal_name:
-        state, step_metrics = compiled(state, *batch_at(step))
+        state, step_metrics = step_for(step)(state, *batch_at(step))
         step += 1
         if pending is not None:  # pull the previous step's metrics while this one runs
             finish(*pending)
@@ -380,7 +390,7 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
                "tokens_per_s": clock["last"].get("tokens_per_s"),
                "skipped_updates": int(jax.device_get(state["skipped"])),
                **{f"val_{k}": v for k, v in final.items()}}
-    _write_json_atomic(workdir / SUMMARY_FILE,
+    _write_json(workdir / SUMMARY_FILE,
                        {k: _finite_or_none(v) for k, v in summary.items()})
     _log(config, f"done: step {step} | val loss {final.get('ce', float('nan')):.4f} nats | "
          f"val bpc {final.get('bpc', float('nan')):.4f} | {metrics.format_duration(wall_s)}")

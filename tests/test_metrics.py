@@ -143,6 +143,11 @@ def test_format_progress():
                     "18.2k tok/s | mfu 21.3% | eta 6m16s")
     assert format_progress(5, 10, {"ce": float("nan")}, None, None, None) == "step 5/10 | ce nan"
     assert format_progress(0, 10, {}, 950.0, None, 0.0) == "step 0/10 | 950 tok/s"
+    # A step that skipped the barrier (barrier_step_fraction < 1) leaves its NaN out.
+    skipped = {"loss": 2.0, "ce": 2.0, "barrier": float("nan"), "barrier_evaluated": 0.0}
+    assert format_progress(3, 10, skipped, None, None, None) == "step 3/10 | loss 2 ce 2"
+    evaluated = {**skipped, "barrier": float("nan"), "barrier_evaluated": 1.0}
+    assert format_progress(3, 10, evaluated, None, None, None).endswith("barrier nan")
     # Resumed at step 100: 20 steps in 10 s, 1880 to go.
     assert format_progress(120, 2000, {}, 2.5e6, 0.5, 10.0, start_step=100).endswith(
         "2.5M tok/s | mfu 50.0% | eta 15m40s")

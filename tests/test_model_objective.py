@@ -108,6 +108,8 @@ def test_variants_and_validation():
         objective.validate(objective.objective_config("margin", lambda_m=-0.1))
     with pytest.raises(ValueError, match="unknown objective variant"):
         objective.objective_config("svm")
+    with pytest.raises(ValueError, match="barrier_step_fraction=0.0 must be in"):
+        objective.validate(objective.objective_config("margin", barrier_step_fraction=0))
 
 
 def test_logits_are_causal_by_gradients():
@@ -175,3 +177,44 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     cfg.barrier_fraction = 0.4
     _, aux = objective.map_objective(model, inputs, inputs, cfg, dropout_key=jax.random.PRNGKey(0))
     assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates)
+
+
+def test_lazy_barrier_gradient_is_unbiased_over_the_step_draw(x64):
+    """q x (gradient of a step that evaluates the barrier) + (1 - q) x (one that skips it)
+    equals the exact gradient; a skipped step logs the barrier as NaN."""
+    graphdef, state = float64_model(5)
+    inputs, targets = tokens(2, batch=2, length=6), tokens(3, batch=2, length=6)
+    q = 0.25
+    cfg = objective.objective_config("map", lambda_m=0.5, lambda_s=0.1, barrier_step_fraction=q)
+    key = jax.random.PRNGKey(0)
+
+    def grads(selected):
+        loss_fn = lambda params: objective.map_objective(  # noqa: E731
+            nnx.merge(graphdef, params), inputs, targets, cfg, dropout_key=key,
+            barrier_selected=selected)
+        return jax.jit(jax.grad(loss_fn, has_aux=True))(state)
+
+    (on, aux_on), (off, aux_off), (exact, aux_exact) = grads(True), grads(False), grads(None)
+    np.testing.assert_allclose(aux_on["barrier"], aux_exact["barrier"], rtol=1e-12)
+    assert aux_on["barrier_evaluated"] == 1 and aux_off["barrier_evaluated"] == 0
+    assert np.isnan(aux_off["barrier"]) and "barrier_evaluated" not in aux_exact
+    np.testing.assert_allclose(aux_off["loss"], aux_exact["ce"] + 0.1 * aux_exact["prior"],
+                               rtol=1e-12)
+    # float32 tolerance: nnx.Embed looks tokens up in float32 even in this float64 model.
+    jax.tree.map(lambda a, b, c: np.testing.assert_allclose(q * a + (1 - q) * b, c, rtol=1e-6,
+                                                            atol=1e-7), on, off, exact)
+
+
+def test_lazy_barrier_schedule_draws_the_fraction_and_replays():
+    from configs import tiny
+    from stm_jax import steps
+
+    config = tiny.get_config("margin")
+    config.objective.barrier_step_fraction = 0.25
+    schedule = steps.barrier_schedule(config, 4000)
+    assert schedule.dtype == bool and abs(schedule.mean() - 0.25) < 0.03  # 4 sigma ~ 0.027
+    np.testing.assert_array_equal(steps.barrier_schedule(config, 100), schedule[:100])
+    config.seed += 1
+    assert not np.array_equal(steps.barrier_schedule(config, 100), schedule[:100])
+    config.objective.barrier_step_fraction = 1.0
+    assert steps.barrier_schedule(config, 10) is None

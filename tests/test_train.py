@@ -78,6 +78,19 @@ def test_resume_equals_uninterrupted_run_bitwise(text_file, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_lazy_barrier_runs_its_drawn_schedule(text_file, tmp_path):
+    """Each step runs the program its draw names (the draw is a function of seed and step, so
+    a resumed run follows the same schedule: see test_model_objective)."""
+    config = tiny_config(text_file, num_steps=8, checkpoint_every=8, log_every=1)
+    config.objective.barrier_step_fraction = 0.5
+    train.train_and_evaluate(config, tmp_path)
+    schedule = steps.barrier_schedule(config, 8)
+    records = metrics.read_metrics(tmp_path, split="train")
+    assert [bool(r["barrier_evaluated"]) for r in records] == list(schedule)
+    assert 0 < schedule.sum() < 8  # both kinds of step ran
+    assert all(np.isfinite(r["barrier"]) == bool(r["barrier_evaluated"]) for r in records)
+
+
 MULTI_DEVICE_SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})
