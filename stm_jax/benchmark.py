@@ -1,7 +1,8 @@
 """Step-time, memory and arithmetic-floor measurements behind ``scripts/benchmark.py``.
 
-Every mode of one config is compiled, then timed in interleaved rounds (one step of each mode
-per round) so that machine noise hits all modes alike; medians are reported. Memory is XLA's
+Every mode of one config is compiled, then timed in interleaved rounds so that machine noise
+hits all modes alike: each round runs every mode twice and times the second step, so no
+timing carries the cache and allocator state of another mode. Medians are reported. Memory is XLA's
 own account of the compiled step (arguments + outputs + temporaries - aliased), which is
 deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes (forward and
 backward = 3 x forward) divided by this machine's measured matmul rate.
@@ -93,6 +94,9 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for mode, (programs, state, _, _) in compiled.items():
             for drawn, step in programs.items():
+                # One untimed step first: right after another mode (the 1.4 GB layer step
+                # especially) a step ran up to 1.6x slower than in a run of its own.
+                jax.block_until_ready(step(state, inputs, inputs))
                 start = time.perf_counter()
                 jax.block_until_ready(step(state, inputs, inputs))
                 times[(mode, drawn)].append(time.perf_counter() - start)

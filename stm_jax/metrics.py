@@ -86,8 +86,8 @@ class MetricsWriter:
         record.update({str(key): _json_value(value) for key, value in metrics.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tensorboard is not None:
-            for key, value in metrics.items():
+        if self._tensorboard is not None:  # a skipped lazy barrier is a gap, not a NaN point
+            for key, value in without_skipped_barrier(metrics).items():
                 scalar = _scalar_or_none(value)
                 if scalar is not None:
                     self._tensorboard.add_scalar(f"{prefix}/{key}", scalar, int(step))

@@ -82,9 +82,12 @@ def test_tensorboard_event_file_has_the_scalars(tmp_path):
         writer.write(5, {"loss": jnp.float32(1.5), "ce": jnp.bfloat16(1.25), "note": "skipped",
                          "vector": np.ones(3)})
         writer.write(6, {"bpc": 2.0}, prefix="eval")
+        # A step that skipped the lazy barrier leaves a gap in its curve, not a NaN point.
+        writer.write(7, {"barrier": float("nan"), "barrier_evaluated": 0.0})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
-    assert scalars == {"train/loss": [(5, 1.5)], "train/ce": [(5, 1.25)], "eval/bpc": [(6, 2.0)]}
+    assert scalars == {"train/loss": [(5, 1.5)], "train/ce": [(5, 1.25)], "eval/bpc": [(6, 2.0)],
+                       "train/barrier_evaluated": [(7, 0.0)]}
 
 
 def hand_counted_flops_per_token(layers, d, heads, tokens, vocab, mlp_ratio):
