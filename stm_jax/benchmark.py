@@ -2,10 +2,10 @@
 
 Every mode of one config is compiled, then timed in interleaved rounds so that machine noise
 hits all modes alike: each round runs every mode twice and times the second step, so no
-timing carries the cache and allocator state of another mode. Medians are reported. Memory is XLA's
-own account of the compiled step (arguments + outputs + temporaries - aliased), which is
-deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes (forward and
-backward = 3 x forward) divided by this machine's measured matmul rate.
+timing carries the cache and allocator state of another mode. Medians are reported. Memory
+is XLA's own account of the compiled step (arguments + outputs + temporaries - aliased),
+which is deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes
+(forward and backward = 3 x forward) divided by this machine's measured matmul rate.
 """
 
 from __future__ import annotations

@@ -151,7 +151,6 @@ def _list_chars(codes: np.ndarray) -> str:
     return listed
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Reading the splits
 
