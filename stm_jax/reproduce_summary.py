@@ -17,7 +17,10 @@ from stm_jax.experiments import BARRIER_RUN, CE_RUN, Experiment
 from stm_jax.run_plan import read_json
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
-OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction")
+OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",
+                  "barrier_step_fraction")
+# Objective keys younger than some recorded runs: their value for those runs (what they did).
+OBJECTIVE_KEY_DEFAULTS = {"barrier_step_fraction": 1.0}
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
 
 
@@ -72,7 +75,8 @@ def aggregate(values: list[float | None]) -> dict:
 
 def _settings(config: dict) -> dict:
     return {**{key: config.get(key) for key in CONFIG_KEYS},
-            **{f"objective.{key}": config.get("objective", {}).get(key) for key in OBJECTIVE_KEYS},
+            **{f"objective.{key}": config.get("objective", {}).get(
+                key, OBJECTIVE_KEY_DEFAULTS.get(key)) for key in OBJECTIVE_KEYS},
             **{f"model.{key}": config.get("model", {}).get(key) for key in MODEL_KEYS}}
 
 

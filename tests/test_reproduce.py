@@ -96,6 +96,7 @@ def test_summary_has_runs_variants_and_claims(study):
         assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(values) / 2)
         assert stat["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     assert summary["variants"]["margin_0.02"]["settings"]["objective.lambda_m"] == 0.02
+    assert summary["variants"]["margin_0.02"]["settings"]["objective.barrier_step_fraction"] == 1
     verdicts = {claim["claim"]: claim["verdict"] for claim in summary["claims"]}
     assert set(verdicts) == {"clean_cost", "robustness", "lambda_optimum", "margin_geometry"}
     assert set(verdicts.values()) <= set(claims.VERDICTS)
