@@ -70,6 +70,8 @@ PAPER_RUNS = (
     Run("map", "map"),  # lambda_m 0.02, lambda_s 0.01 (the config's map variant)
     _margin("margin_0.02_embedding", (("objective.layers", "embedding"),)),
     _margin("margin_0.02_layer", (("objective.scope", "layer"),)),
+    # Beyond the paper: the barrier stops at det = 1 (no reward for expansion).
+    _margin("margin_0.02_floor0", (("objective.barrier_floor", 0.0),)),
 )
 CE_RUN, BARRIER_RUN = "ce", f"margin_{PAPER_LAMBDA_M:g}"
 

@@ -18,9 +18,9 @@ from stm_jax.run_plan import read_json
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",
-                  "barrier_step_fraction")
+                  "barrier_step_fraction", "barrier_floor")
 # Objective keys younger than some recorded runs: their value for those runs (what they did).
-OBJECTIVE_KEY_DEFAULTS = {"barrier_step_fraction": 1.0}
+OBJECTIVE_KEY_DEFAULTS = {"barrier_step_fraction": 1.0, "barrier_floor": -math.inf}
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
 
 

@@ -49,17 +49,25 @@ def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
     loss, aux = objective.map_objective(model, inputs, targets, cfg)
     # Oracle: rebuild each layer's attention input by hand and call the pure function.
     x = model.embed(inputs)
-    per_token = []
+    per_token, head_stats = [], []
     for block in model.blocks:
         u = block.ln_attn(x)
         stats = jax.vmap(lambda s, b=block: attention.causal_self_attention(
             b.attention_params(), s, scope="head")[1])(u)
+        head_stats.append(stats)
         per_token.append(barrier.smooth_log_barrier(stats.head_sign, stats.head_logdet, 0.05)
                          .sum(axis=1))
         x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float64,
                      key=None)
     np.testing.assert_allclose(aux["barrier"], np.mean(per_token), rtol=1e-10)
     np.testing.assert_allclose(loss, aux["ce"] + 0.02 * aux["barrier"], rtol=1e-12)
+    # A floor clips each head's barrier before the sum over heads.
+    per_head = [barrier.smooth_log_barrier(s.head_sign, s.head_logdet, 0.05) for s in head_stats]
+    for floor in (0.0, float(np.median(np.concatenate([np.ravel(b) for b in per_head])))):
+        cfg.barrier_floor = floor
+        floored = objective.map_objective(model, inputs, targets, cfg)[1]["barrier"]
+        expected = np.mean([np.maximum(b, floor).sum(axis=1) for b in per_head])
+        np.testing.assert_allclose(floored, expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("variant,scope,layers", [
