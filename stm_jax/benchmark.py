@@ -64,12 +64,10 @@ def _mode_config(base, overrides: dict):
 def _compile(config, inputs):
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
     graphdef, state = steps.init_state(config, tx)
-    # The lazy barrier runs two programs: a step with the barrier and one without.
-    draws = (True, False) if steps.lazy_barrier(config) else (None,)
     start = time.perf_counter()
     programs = {drawn: jax.jit(steps.make_train_step(
         graphdef, config, tx, barrier_selected=drawn)).lower(state, inputs, inputs).compile()
-        for drawn in draws}
+        for drawn in steps.barrier_draws(config)}
     compile_s = time.perf_counter() - start
     peaks = []
     for program in programs.values():

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from stm_jax import claims
 from stm_jax.experiments import BARRIER_RUN, CE_RUN, Experiment
+from stm_jax.objective import objective_config
 from stm_jax.run_plan import read_json
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",
                   "barrier_step_fraction", "barrier_floor")
-# Objective keys younger than some recorded runs: their value for those runs (what they did).
-OBJECTIVE_KEY_DEFAULTS = {"barrier_step_fraction": 1.0, "barrier_floor": -math.inf}
+# A key missing from an older run's config did not exist yet: the run did what the default does.
+OBJECTIVE_DEFAULTS = objective_config().to_dict()
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
 
 
@@ -76,7 +77,7 @@ def aggregate(values: list[float | None]) -> dict:
 def _settings(config: dict) -> dict:
     return {**{key: config.get(key) for key in CONFIG_KEYS},
             **{f"objective.{key}": config.get("objective", {}).get(
-                key, OBJECTIVE_KEY_DEFAULTS.get(key)) for key in OBJECTIVE_KEYS},
+                key, OBJECTIVE_DEFAULTS.get(key)) for key in OBJECTIVE_KEYS},
             **{f"model.{key}": config.get("model", {}).get(key) for key in MODEL_KEYS}}
 
 

@@ -79,6 +79,12 @@ def lazy_barrier(config) -> bool:
         "barrier_step_fraction", 1.0) < 1.0
 
 
+def barrier_draws(config) -> tuple[bool | None, ...]:
+    """The ``barrier_selected`` value of each train-step program to compile: (True, False)
+    for the lazy barrier (a step with it and one without), else (None,)."""
+    return (True, False) if lazy_barrier(config) else (None,)
+
+
 def barrier_schedule(config, num_steps: int) -> np.ndarray | None:
     """Which of steps 0 .. num_steps - 1 evaluate the barrier when
     ``objective.barrier_step_fraction`` < 1 (each drawn from its step's key, so a resumed run

@@ -294,10 +294,6 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
           start_step, metadata, shardings) -> dict:
     """Compile, train from ``start_step`` until ``num_steps`` or a stop request, evaluate."""
     replicated, batch_sharding = shardings
-    jit_step = lambda **kwargs: jax.jit(  # noqa: E731
-        steps.make_train_step(graphdef, config, tx, **kwargs),
-        in_shardings=(replicated, batch_sharding, batch_sharding),
-        out_shardings=(replicated, replicated), donate_argnums=0)
     schedule = steps.barrier_schedule(config, config.num_steps)
     eval_step = jax.jit(steps.make_eval_step(graphdef, config.objective),
                         in_shardings=(replicated, batch_sharding, batch_sharding),
@@ -310,13 +306,14 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
         return shard_batch(inputs, batch_sharding), shard_batch(targets, batch_sharding)
 
     compile_start = time.perf_counter()
-    if schedule is None:
-        compiled_step = jit_step().lower(state, *batch_at(start_step)).compile()
-        step_for = lambda step: compiled_step  # noqa: E731
-    else:  # the lazy barrier: a step with it and one without, each run on its drawn steps
-        by_draw = {drawn: jit_step(barrier_selected=drawn).lower(
-            state, *batch_at(start_step)).compile() for drawn in (True, False)}
-        step_for = lambda step: by_draw[bool(schedule[step])]  # noqa: E731
+    # One program, or with the lazy barrier two (with it, without it), each run on its steps.
+    programs = {drawn: jax.jit(
+        steps.make_train_step(graphdef, config, tx, barrier_selected=drawn),
+        in_shardings=(replicated, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated), donate_argnums=0,
+    ).lower(state, *batch_at(start_step)).compile() for drawn in steps.barrier_draws(config)}
+    step_for = lambda step: programs[None if schedule is None else bool(schedule[step])]  # noqa: E731
+    if schedule is not None:
         _log(config, f"lazy barrier: {schedule.mean():.1%} of the {config.num_steps} steps "
              f"evaluate it (objective.barrier_step_fraction="
              f"{config.objective.barrier_step_fraction})")
@@ -390,8 +387,7 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
                "tokens_per_s": clock["last"].get("tokens_per_s"),
                "skipped_updates": int(jax.device_get(state["skipped"])),
                **{f"val_{k}": v for k, v in final.items()}}
-    _write_json(workdir / SUMMARY_FILE,
-                       {k: _finite_or_none(v) for k, v in summary.items()})
+    _write_json(workdir / SUMMARY_FILE, {k: _finite_or_none(v) for k, v in summary.items()})
     _log(config, f"done: step {step} | val loss {final.get('ce', float('nan')):.4f} nats | "
          f"val bpc {final.get('bpc', float('nan')):.4f} | {metrics.format_duration(wall_s)}")
     return summary
