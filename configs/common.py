@@ -32,6 +32,9 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.seed = 0
     config.num_steps = 1000
     config.batch_size = 32  # global batch, split over all devices
+    # Gradient accumulation: each step's batch in this many sequential microbatches (the same
+    # gradient; activations of one microbatch live at a time). See stm_jax/accumulation.py.
+    config.microbatches = 1
 
     config.model = ml_collections.ConfigDict(dict(
         num_layers=4, num_heads=4, d_model=128, context=64, dropout=0.0,

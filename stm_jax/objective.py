@@ -122,26 +122,33 @@ def barrier_term(stats: dict, cfg) -> tuple[jax.Array, dict]:
 
 
 def prior_term(
-    residual_sq: jax.Array, log_noise_scale: jax.Array, dim: int, cfg
+    residual_sq: jax.Array, log_noise_scale: jax.Array, dim: int, cfg,
+    batch_tokens: int | None = None,
 ) -> tuple[jax.Array, dict]:
     """mean_{l,t}[||e||^2 / (2 sigma_l^2) + d log sigma_l] plus the weak hyperprior.
 
-    residual_sq: (L', B, T) squared residual norms of the layers in the layer set.
+    residual_sq: (L', B, T) squared residual norms of the layers in the layer set. The
+    hyperprior is counted once per training batch: divided by ``batch_tokens``, the whole
+    batch's token count (default: this one's; a microbatch passes its batch's).
     """
     num_stat_layers = residual_sq.shape[0]
     log_sigma = at_least_float32(log_noise_scale[:num_stat_layers])  # "embedding" -> first
     per_token = (residual_sq * jnp.exp(-2 * log_sigma)[:, None, None] / 2
                  + dim * log_sigma[:, None, None])
     hyperprior = jnp.sum((log_sigma / cfg.hyperprior_scale) ** 2) / 2
-    tokens_per_batch = residual_sq.shape[1] * residual_sq.shape[2]
+    tokens_per_batch = batch_tokens or residual_sq.shape[1] * residual_sq.shape[2]
     diagnostics = {"noise_scale": jnp.exp(log_sigma), "residual_rms": jnp.sqrt(
         jnp.mean(residual_sq) / dim)}
     return jnp.mean(per_token) + hyperprior / tokens_per_batch, diagnostics
 
 
 def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
-                  barrier_selected: bool | None = None) -> tuple[jax.Array, dict]:
+                  barrier_selected: bool | None = None,
+                  batch_tokens: int | None = None) -> tuple[jax.Array, dict]:
     """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux).
+
+    ``batch_tokens``: the token count of the training batch this one is a microbatch of
+    (see ``accumulation.py``); by default this batch's.
 
     ``barrier_selected`` (a Python bool, so the skipped step compiles without the Jacobian
     work) marks a step of the lazy barrier: True weighs the barrier by 1 /
@@ -169,8 +176,18 @@ def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
         aux.update(barrier=barrier_value, **diagnostics)
     if cfg.lambda_s > 0:
         prior_value, diagnostics = prior_term(
-            stats["residual_sq"], model.log_noise_scale[...], model.token_embed.features, cfg)
+            stats["residual_sq"], model.log_noise_scale[...], model.token_embed.features, cfg,
+            batch_tokens)
         loss = loss + cfg.lambda_s * prior_value
         aux.update(prior=prior_value, **diagnostics)
     aux["loss"] = loss
     return loss, aux
+
+
+def combine_microbatch_aux(aux: dict) -> dict:
+    """Merge ``map_objective``'s metrics stacked over equal microbatches (leading axis) into
+    the whole batch's: counts add up, minima stay minima, RMS values combine as RMS, and
+    every other metric (a mean over equal-size microbatches, or the same in each) averages."""
+    reductions = {"infeasible_tokens": jnp.sum, "logdet_min": jnp.min,
+                  "residual_rms": lambda x, axis: jnp.sqrt(jnp.mean(x**2, axis=axis))}
+    return {name: reductions.get(name, jnp.mean)(value, axis=0) for name, value in aux.items()}

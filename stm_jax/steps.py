@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stm_jax import accumulation, objective
 from stm_jax import model as model_lib
-from stm_jax import objective
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
@@ -104,22 +104,28 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
     With the lazy barrier (``barrier_schedule`` not None) build one step with
     ``barrier_selected=True`` and one with False, and run each on its scheduled steps.
 
+    With ``config.microbatches`` = k > 1 the batch is processed as k sequential microbatches
+    and their gradients averaged (``accumulation.py``): the same gradient in less memory.
+
     A non-finite loss or gradient never reaches the parameters: the update is skipped and
     counted, and ``metrics["finite"]`` tells the host, which stops or carries on according to
     ``config.nonfinite_policy``.
     """
     objective_cfg = config.objective
+    microbatches = config.get("microbatches", 1)
 
     def train_step(state, inputs, targets):
-        dropout_key = step_key(config.seed, state["step"])
-
-        def loss_fn(params):
+        def loss_fn(params, inputs, targets, dropout_key):
             model = nnx.merge(graphdef, params)
             return objective.map_objective(model, inputs, targets, objective_cfg,
                                            dropout_key=dropout_key,
-                                           barrier_selected=barrier_selected)
+                                           barrier_selected=barrier_selected,
+                                           batch_tokens=inputs.size * microbatches)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, aux), grads = accumulation.accumulate(
+            jax.value_and_grad(loss_fn, has_aux=True), state["params"], inputs, targets,
+            step_key(config.seed, state["step"]), microbatches,
+            objective.combine_microbatch_aux)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

@@ -62,10 +62,15 @@ def validate_config(config) -> None:
                 "keep_checkpoints"):
         if config[key] <= 0:
             raise ValueError(f"{key}={config[key]} must be a positive integer")
-    devices = jax.device_count()
+    devices, microbatches = jax.device_count(), config.get("microbatches", 1)
     if config.batch_size % devices:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the {devices} "
                          f"devices; use a multiple of {devices}")
+    rows = config.batch_size // devices
+    if microbatches < 1 or rows % microbatches:
+        raise ValueError(f"microbatches={microbatches} must divide the {rows} rows of "
+                         f"batch_size={config.batch_size} on each of {devices} device(s); use a "
+                         f"divisor of {rows}")
     if config.nonfinite_policy not in ("stop", "skip"):
         raise ValueError(f"nonfinite_policy={config.nonfinite_policy!r}; expected 'stop' or 'skip'")
 

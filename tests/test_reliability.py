@@ -339,7 +339,8 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
         (tmp / name).mkdir()
         return tmp / name
 
-    fresh = {name: tmp / name for name in ("missing", "short", "unknown_key", "batch")}
+    fresh = {name: tmp / name for name in ("missing", "short", "unknown_key", "batch",
+                                            "microbatches")}
     return {
         "missing_data_file": (train_args(tmp / "no_such.txt", fresh["missing"]), {},
                               fresh["missing"],
@@ -370,6 +371,11 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
             train_args(text_file, fresh["batch"], batch_size=3),
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, fresh["batch"],
             r"batch_size=3 is not divisible by the 2 devices; use a multiple of 2"),
+        "microbatches_do_not_split_the_batch": (
+            train_args(text_file, fresh["microbatches"], microbatches=3), {},
+            fresh["microbatches"],
+            r"microbatches=3 must divide the 8 rows of batch_size=8 on each of 1 device\(s\); "
+            r"use a divisor of 8"),
         "workdir_is_a_file": (train_args(text_file, files / "a_file"), {}, files / "a_file",
                               r"workdir \S+a_file exists but is not a directory"),
         "workdir_under_a_file": (train_args(text_file, files / "a_file" / "run"), {},
@@ -399,7 +405,8 @@ def bad_input_runs(tmp_path_factory, text_file, reference, env):
 BAD_INPUTS = ["missing_data_file", "empty_data_file", "non_utf8_text",
               "split_shorter_than_context", "validation_shorter_than_a_batch",
               "other_text_in_trained_workdir", "unknown_config_key", "negative_lambda",
-              "batch_not_divisible_by_devices", "workdir_is_a_file", "workdir_under_a_file"]
+              "batch_not_divisible_by_devices", "microbatches_do_not_split_the_batch",
+              "workdir_is_a_file", "workdir_under_a_file"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
