@@ -25,7 +25,11 @@ flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 mat
 flags.DEFINE_float("estimator_fraction", 0.125, "Fraction of positions for the estimator.")
 flags.DEFINE_float("lazy_step_fraction", 0.125,
                    "Fraction of steps that evaluate the estimator in the head_lazy mode.")
-flags.DEFINE_float("peer_tokens_per_s", 19000.0, "nanoGPT eager CPU rate to compare CE with.")
+flags.DEFINE_float("peer_tokens_per_s", 19000.0,
+                   "nanoGPT eager CPU rate to compare CE with when --peer is off.")
+flags.DEFINE_bool("peer", False,
+                  "Also time nanoGPT's PyTorch step (needs torch) in the same rounds, and compare "
+                  "CE-only with it instead of --peer_tokens_per_s.")
 flags.DEFINE_bool("single_barrier", True,
                   "Also time one barrier evaluation at T=256, d=384, H=6 (float32).")
 flags.DEFINE_string("out", "benchmarks", "Folder for benchmark.json and benchmark.md.")
@@ -56,18 +60,26 @@ def main(argv):
             modes[mode]["barrier_fraction"] = FLAGS.estimator_fraction
     if "head_lazy" in modes:
         modes["head_lazy"]["barrier_step_fraction"] = FLAGS.lazy_step_fraction
+    peer = None
+    if FLAGS.peer:
+        try:
+            from stm_jax import peer_nanogpt as peer
+        except ImportError as error:
+            sys.exit(f"error: --peer: {error}")
     rate = metrics.measure_matmul_flops()
     print(f"measured 2048^2 float32 matmul: {rate / 1e9:.0f} GFLOP/s on "
           f"{jax.devices()[0].device_kind}", flush=True)
-    rows, spreads = [], []
+    rows, spreads, determinants = [], [], []
     for spec in FLAGS.configs:
         label, config = load_config(spec)
         rows += benchmark.benchmark_config(label, config, modes, rounds=FLAGS.rounds,
-                                           matmul_rate=rate,
+                                           matmul_rate=rate, peer=peer,
                                            log=lambda s: print(s, flush=True))
         if "head_estimator" in modes or "head_lazy" in modes:
             spreads.append({"config": label, **benchmark.estimator_spread(
                 config, FLAGS.estimator_fraction, step_fraction=FLAGS.lazy_step_fraction)})
+        if "head" in modes:
+            determinants.append({"config": label, **benchmark.determinant_share(config, rate)})
     single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []
     single_lines = ["| scope | pass | ms | XLA temporary MB |", "|---|---|---|---|"]
     single_lines += [f"| {r['scope']} | {r['pass']} | {r['ms']:.1f} | {r['temp_mb']:.1f} |"
@@ -86,6 +98,14 @@ def main(argv):
     if spreads:
         sections += ["## Barrier estimator spread (32 draws, initial parameters)",
                      "\n".join(spread_lines)]
+    if determinants:
+        lines = ["| config | p x p blocks per step | slogdet forward + gradient | "
+                 "whole barrier's arithmetic floor | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['blocks']:,} of {r['block_size']} x {r['block_size']} | "
+                  f"{r['ms']:.1f} ms | {r['barrier_floor_ms']:.1f} ms | "
+                  f"{r['determinants_vs_floor']:.2f}x |" for r in determinants]
+        sections += ["## The exact head barrier's determinants alone (LAPACK LU and two "
+                     "triangular solves per block)", "\n".join(lines)]
     if single:
         sections += ["## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, "
                      "float32)", "\n".join(single_lines)]
@@ -93,7 +113,8 @@ def main(argv):
     out = Path(FLAGS.out)
     atomic_files.write_text(out / "benchmark.md", report + "\n")
     atomic_files.write_text(out / "benchmark.json", json.dumps(
-        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "single_barrier": single,
+        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "determinants": determinants,
+         "single_barrier": single,
          "targets": targets,
          "command": " ".join(sys.argv)}, indent=2))
     print("\n" + report, flush=True)

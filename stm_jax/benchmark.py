@@ -22,9 +22,12 @@ import numpy as np
 
 from stm_jax import metrics, steps
 
-# name -> objective overrides; "ce" is the baseline every ratio refers to.
+# name -> objective overrides (and "microbatches", which overrides the config's own);
+# "ce" is the baseline every ratio refers to.
 MODES = {
     "ce": {"lambda_m": 0.0},
+    # CE with the whole batch in one pass, to show what the config's microbatches buy.
+    "ce_one_microbatch": {"lambda_m": 0.0, "microbatches": 1},
     "head": {"lambda_m": 0.02, "scope": "head"},
     "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 8},
     "layer": {"lambda_m": 0.02, "scope": "layer"},
@@ -34,6 +37,9 @@ MODES = {
     "head_lazy": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 0.125,
                   "barrier_step_fraction": 0.125},
 }
+
+
+PEER_MODE = "nanogpt_torch"  # the row of the peer's step (see benchmark_config's ``peer``)
 
 
 def barrier_forward_flops(model_cfg, batch: int, scope: str, fraction: float = 1.0) -> float:
@@ -57,6 +63,8 @@ def barrier_forward_flops(model_cfg, batch: int, scope: str, fraction: float = 1
 
 def _mode_config(base, overrides: dict):
     config = ml_collections.ConfigDict(base.to_dict())
+    overrides = dict(overrides)
+    config.microbatches = overrides.pop("microbatches", config.get("microbatches", 1))
     config.objective.update(overrides)
     return config
 
@@ -78,9 +86,22 @@ def _compile(config, inputs):
     return programs, state, compile_s, max(peaks, default=None)
 
 
+def _timed_second_call(run) -> float:
+    """Seconds of ``run()``'s second call. The untimed first call matters: right after another
+    mode (the 1.4 GB layer step especially) a step ran up to 1.6x slower than on its own."""
+    run()
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate: float,
-                     log=print) -> list[dict]:
-    """Compile every mode of ``config``, time them interleaved, return one row per mode."""
+                     peer=None, log=print) -> list[dict]:
+    """Compile every mode of ``config``, time them interleaved, return one row per mode.
+
+    ``peer``: optionally a module with ``make_step(config, inputs, targets)`` (such as
+    ``peer_nanogpt``), whose step is timed in the same rounds as a row of its own.
+    """
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, config.model.vocab_size,
                           (config.batch_size, config.model.context)).astype(np.int32)
@@ -89,15 +110,15 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         compiled[mode] = _compile(_mode_config(config, overrides), inputs)
         log(f"{name}/{mode}: compiled in {compiled[mode][2]:.1f}s")
     times = {(mode, drawn): [] for mode, (programs, *_) in compiled.items() for drawn in programs}
+    peer_step = peer.make_step(config, inputs, inputs) if peer is not None else None
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for mode, (programs, state, _, _) in compiled.items():
             for drawn, step in programs.items():
-                # One untimed step first: right after another mode (the 1.4 GB layer step
-                # especially) a step ran up to 1.6x slower than in a run of its own.
-                jax.block_until_ready(step(state, inputs, inputs))
-                start = time.perf_counter()
-                jax.block_until_ready(step(state, inputs, inputs))
-                times[(mode, drawn)].append(time.perf_counter() - start)
+                times[(mode, drawn)].append(_timed_second_call(
+                    lambda step=step, state=state: jax.block_until_ready(
+                        step(state, inputs, inputs))))
+        if peer_step is not None:
+            times.setdefault((PEER_MODE, None), []).append(_timed_second_call(peer_step))
     tokens = config.batch_size * config.model.context
     model_flops = metrics.transformer_flops_per_token(
         config.model.num_layers, config.model.d_model, config.model.num_heads,
@@ -105,6 +126,9 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
     ce_time, ce_memory = median[("ce", None)], compiled["ce"][3]
     rows = []
+    if peer is not None:
+        modes = {**modes, PEER_MODE: {}}
+        compiled[PEER_MODE] = (None, None, 0.0, None)
     for mode, overrides in modes.items():
         step_fraction = overrides.get("barrier_step_fraction", 1.0)
         if (mode, None) in median:
@@ -112,13 +136,17 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         else:  # the mean step: a barrier step with probability step_fraction, else a CE one
             step_s = step_fraction * median[(mode, True)] + (1 - step_fraction) * median[(
                 mode, False)]
-        memory = compiled[mode][3] or 0
+        memory = compiled[mode][3]
         row = {"config": name, "mode": mode, "compile_s": compiled[mode][2],
+               "microbatches": _mode_config(config, overrides).microbatches,
                "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
-               "peak_memory_mb": memory / 2**20,
+               "peak_memory_mb": None if memory is None else memory / 2**20,
                "mfu": tokens / step_s * model_flops / matmul_rate,
                "step_vs_ce": step_s / ce_time,
-               "memory_vs_ce": memory / max(ce_memory or 1, 1)}
+               "memory_vs_ce": None if memory is None else memory / max(ce_memory or 1, 1)}
+        if mode == PEER_MODE:
+            row["microbatches"] = 1
+            row["description"] = peer.describe()
         if (mode, True) in median:
             row.update(barrier_step_ms=1e3 * median[(mode, True)], step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
@@ -128,24 +156,25 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
             row.update(floor_ms=1e3 * floor_s,
                        overhead_vs_floor=(step_s - ce_time) / floor_s)
         rows.append(row)
-        log(f"{name}/{mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
-            f"{row['peak_memory_mb']:.0f} MB")
+        memory_text = "" if memory is None else f", {row['peak_memory_mb']:.0f} MB"
+        log(f"{name}/{mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s"
+            f"{memory_text}")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of every measurement."""
-    header = ("| config | mode | step ms | tokens/s | x CE time | peak MB | x CE memory | MFU | "
-              "barrier floor ms | overhead / floor | compile s |")
-    lines = [header, "|" + "---|" * 11]
+    header = ("| config | mode | microbatches | step ms | tokens/s | x CE time | peak MB | "
+              "x CE memory | MFU | barrier floor ms | overhead / floor | compile s |")
+    lines = [header, "|" + "---|" * 12]
+    number = lambda r, key, form: "-" if r.get(key) is None else format(r[key], form)  # noqa: E731
     for r in rows:
-        floor = f"{r['floor_ms']:.1f}" if "floor_ms" in r else "-"
-        over = f"{r['overhead_vs_floor']:.2f}" if "overhead_vs_floor" in r else "-"
-        lines.append(f"| {r['config']} | {r['mode']} | {r['step_ms']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['memory_vs_ce']:.2f} | "
-                     f"{100 * r['mfu']:.1f}% | "
-                     f"{floor} | {over} | {r['compile_s']:.1f} |")
+        lines.append(f"| {r['config']} | {r['mode']} | {r.get('microbatches', 1)} | "
+                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
+                     f"{number(r, 'peak_memory_mb', '.0f')} | "
+                     f"{number(r, 'memory_vs_ce', '.2f')} | {100 * r['mfu']:.1f}% | "
+                     f"{number(r, 'floor_ms', '.1f')} | {number(r, 'overhead_vs_floor', '.2f')} | "
+                     f"{r['compile_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -211,7 +240,12 @@ def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, l
                         f"estimator on {r['step_fraction']:g} of steps, mean step time")
                 add(f"{config}: {what} / CE", f"{r['step_vs_ce']:.2f}x", "<= 1.3x",
                     r["step_vs_ce"] <= 1.3)
-        if config.startswith("shakespeare_char:cpu") and (config, "ce") in by:
+        if (config, "ce") in by and (config, PEER_MODE) in by:
+            r, peer = by[(config, "ce")], by[(config, PEER_MODE)]
+            add(f"{config}: CE-only tokens/s vs nanoGPT ({peer['description']}), same run",
+                f"{r['tokens_per_s']:,.0f}", f">= {peer['tokens_per_s']:,.0f}",
+                r["tokens_per_s"] >= peer["tokens_per_s"])
+        elif config.startswith("shakespeare_char:cpu") and (config, "ce") in by:
             r = by[(config, "ce")]
             add(f"{config}: CE-only tokens/s (nanoGPT eager CPU ~{peer_tokens_per_s:,.0f})",
                 f"{r['tokens_per_s']:,.0f}", f">= {peer_tokens_per_s:,.0f}",
@@ -220,6 +254,33 @@ def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, l
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
               for t in targets]
     return "\n".join(lines), targets
+
+
+def determinant_share(config, matmul_rate: float, repeats: int = 5) -> dict:
+    """The exact head barrier's determinants alone, against the whole barrier's floor.
+
+    Times ``logdet.slogdet`` and its gradient (one LU, then two triangular solves) over as
+    many ``p x p`` blocks as one training step factorises (layers x batch x heads x
+    positions), on well-conditioned random blocks: the part of the barrier left to LAPACK.
+    """
+    from stm_jax import logdet
+
+    model = config.model
+    head_dim = model.d_model // model.num_heads
+    count = model.num_layers * config.batch_size * model.num_heads * model.context
+    noise = jax.random.normal(jax.random.PRNGKey(0), (count, head_dim, head_dim))
+    blocks = jnp.eye(head_dim) + 0.3 * noise / math.sqrt(head_dim)
+    gradient = jax.jit(jax.grad(lambda a: jnp.sum(logdet.slogdet(a)[1])))
+    jax.block_until_ready(gradient(blocks))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(gradient(blocks))
+        times.append(time.perf_counter() - start)
+    floor_s = 3 * barrier_forward_flops(model, config.batch_size, "head") / matmul_rate
+    ms = 1e3 * statistics.median(times)
+    return {"blocks": count, "block_size": head_dim, "ms": ms,
+            "barrier_floor_ms": 1e3 * floor_s, "determinants_vs_floor": ms / (1e3 * floor_s)}
 
 
 def single_barrier_evaluation(tokens: int = 256, d_model: int = 384, num_heads: int = 6,

@@ -1,5 +1,7 @@
 """The benchmark harness measures every mode and states every target (no timing asserts)."""
 
+import time
+
 import pytest
 
 from configs import tiny
@@ -14,27 +16,68 @@ def test_floor_counts_scale_with_the_shapes():
     assert benchmark.barrier_forward_flops(config.model, 8, "layer") > head
 
 
+class SleepingPeer:
+    """A stand-in for ``peer_nanogpt`` (PyTorch is not a dependency): a step of known length."""
+
+    calls = 0
+
+    @classmethod
+    def make_step(cls, config, inputs, targets):
+        assert inputs.shape == (config.batch_size, config.model.context)
+
+        def step():
+            cls.calls += 1
+            time.sleep(0.002)
+
+        return step
+
+    @staticmethod
+    def describe():
+        return "a sleeping stand-in"
+
+
 def test_benchmark_rows_and_targets():
     config = tiny.get_config()
     config.model.vocab_size = 20
     config.batch_size = 2
+    config.microbatches = 2
     modes = {name: benchmark.MODES[name] for name in ("ce", "head", "head_estimator",
-                                                        "head_lazy")}
+                                                        "head_lazy", "ce_one_microbatch")}
     rows = benchmark.benchmark_config("tiny", config, modes, rounds=1, matmul_rate=1e11,
-                                      log=lambda _: None)
-    assert [r["mode"] for r in rows] == list(modes)
-    assert all(r["step_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+                                      peer=SleepingPeer, log=lambda _: None)
+    assert [r["mode"] for r in rows] == [*modes, benchmark.PEER_MODE]
+    assert all(r["step_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows[:-1])
     assert "overhead_vs_floor" in rows[1] and "overhead_vs_floor" not in rows[0]
+    assert [r["microbatches"] for r in rows] == [2, 2, 2, 2, 1, 1]
+    # Two rounds (one warm-up), each timing the second of two peer steps.
+    assert SleepingPeer.calls == 4 and rows[-1]["step_ms"] >= 2
+    assert rows[-1]["peak_memory_mb"] is None
     table, targets = benchmark.targets_table(rows, peer_tokens_per_s=19000)
     assert {t["target"] for t in targets} >= {
         "tiny: head barrier peak memory / CE", "tiny: estimator step time / CE",
-        "tiny: estimator on 0.125 of steps, mean step time / CE"}
+        "tiny: estimator on 0.125 of steps, mean step time / CE",
+        "tiny: CE-only tokens/s vs nanoGPT (a sleeping stand-in), same run"}
     # The lazy mode weighs a barrier step by 1/8 and a CE-only step by 7/8.
     lazy = rows[3]
     assert lazy["step_fraction"] == 0.125 and lazy["barrier_step_ms"] > 0
     assert lazy["step_ms"] < lazy["barrier_step_ms"]
     assert table.count("\n") == len(targets) + 1
-    assert "| tiny | head |" in benchmark.format_table(rows)
+    assert "| tiny | head | 2 |" in benchmark.format_table(rows)
+
+
+def test_nanogpt_peer_step_trains():
+    """The PyTorch peer is a real model: its loss falls on a repeated batch."""
+    pytest.importorskip("torch")
+    import numpy as np
+
+    from stm_jax import peer_nanogpt
+
+    config = tiny.get_config()
+    config.model.vocab_size = 20
+    batch = np.random.default_rng(0).integers(0, 20, (2, config.model.context))
+    step = peer_nanogpt.make_step(config, batch, batch)
+    losses = [step() for _ in range(20)]
+    assert losses[-1] < losses[0] - 0.5
 
 
 def test_estimator_spread_on_a_fraction_of_steps_is_wider():
@@ -45,3 +88,14 @@ def test_estimator_spread_on_a_fraction_of_steps_is_wider():
     assert spread["relative_std"] > 0
     # E[X^2]/q - E[X]^2 exceeds Var X for q < 1.
     assert spread["lazy_relative_std"] > spread["relative_std"]
+
+
+def test_determinant_share_times_one_step_of_blocks():
+    config = tiny.get_config()
+    config.batch_size = 2
+    share = benchmark.determinant_share(config, matmul_rate=1e11, repeats=1)
+    model = config.model
+    assert share["blocks"] == model.num_layers * 2 * model.num_heads * model.context
+    assert share["block_size"] == model.d_model // model.num_heads
+    assert share["ms"] > 0 and share["determinants_vs_floor"] == pytest.approx(
+        share["ms"] / share["barrier_floor_ms"])
