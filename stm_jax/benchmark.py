@@ -1,11 +1,13 @@
 """Step-time, memory and arithmetic-floor measurements behind ``scripts/benchmark.py``.
 
 Every mode of one config is compiled, then timed in interleaved rounds so that machine noise
-hits all modes alike: each round runs every mode twice and times the second step, so no
-timing carries the cache and allocator state of another mode. Medians are reported. Memory
-is XLA's own account of the compiled step (arguments + outputs + temporaries - aliased),
-which is deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes
-(forward and backward = 3 x forward) divided by this machine's measured matmul rate.
+hits all modes alike: each round runs every mode's steps twice and times the second pass, so
+no timing carries the cache and allocator state of another mode. The lazy barrier's pass is
+one barrier step and 1/q - 1 CE-only steps (q rounded to 1/n), its mean step as in training.
+Medians over rounds are reported. Memory is XLA's own account of the compiled step
+(arguments + outputs + temporaries - aliased), which is deterministic. The barrier's
+*arithmetic floor* is its FLOP count from the shapes (forward and backward = 3 x forward)
+divided by this machine's measured matmul rate.
 """
 
 from __future__ import annotations
@@ -86,13 +88,27 @@ def _compile(config, inputs):
     return programs, state, compile_s, max(peaks, default=None)
 
 
-def _timed_second_call(run) -> float:
-    """Seconds of ``run()``'s second call. The untimed first call matters: right after another
-    mode (the 1.4 GB layer step especially) a step ran up to 1.6x slower than on its own."""
-    run()
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+def _timed_second_pass(calls: list) -> list[float]:
+    """Seconds of each call in the second of two passes over ``calls``. The untimed first
+    pass matters: right after another mode (the 1.4 GB layer step especially) a step ran up
+    to 1.6x slower than on its own."""
+    for call in calls:
+        call()
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _step_pattern(programs: dict, step_fraction: float) -> list:
+    """The order in which a mode's programs run in one timed pass. The lazy barrier runs a
+    barrier step, then 1/q - 1 CE-only ones: its mean step as in training, including what a
+    program switch costs (the first CE-only step after a barrier step took 71 ms, not 42)."""
+    if None in programs:
+        return [None]
+    return [True] + [False] * (max(1, round(1 / step_fraction)) - 1)
 
 
 def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate: float,
@@ -109,34 +125,32 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     for mode, overrides in modes.items():
         compiled[mode] = _compile(_mode_config(config, overrides), inputs)
         log(f"{name}/{mode}: compiled in {compiled[mode][2]:.1f}s")
-    times = {(mode, drawn): [] for mode, (programs, *_) in compiled.items() for drawn in programs}
+    times = {mode: [] for mode in compiled}
+    barrier_times = {mode: [] for mode, (programs, *_) in compiled.items() if True in programs}
     peer_step = peer.make_step(config, inputs, inputs) if peer is not None else None
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for mode, (programs, state, _, _) in compiled.items():
-            for drawn, step in programs.items():
-                times[(mode, drawn)].append(_timed_second_call(
-                    lambda step=step, state=state: jax.block_until_ready(
-                        step(state, inputs, inputs))))
+            pattern = _step_pattern(programs, modes[mode].get("barrier_step_fraction", 1.0))
+            step_times = _timed_second_pass([
+                lambda step=programs[drawn], state=state: jax.block_until_ready(
+                    step(state, inputs, inputs)) for drawn in pattern])
+            times[mode].append(statistics.mean(step_times))
+            if mode in barrier_times:
+                barrier_times[mode].append(step_times[0])
         if peer_step is not None:
-            times.setdefault((PEER_MODE, None), []).append(_timed_second_call(peer_step))
+            times.setdefault(PEER_MODE, []).append(_timed_second_pass([peer_step])[0])
     tokens = config.batch_size * config.model.context
     model_flops = metrics.transformer_flops_per_token(
         config.model.num_layers, config.model.d_model, config.model.num_heads,
         config.model.context, config.model.vocab_size, config.model.mlp_ratio)
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
-    ce_time, ce_memory = median[("ce", None)], compiled["ce"][3]
+    ce_time, ce_memory = median["ce"], compiled["ce"][3]
     rows = []
     if peer is not None:
         modes = {**modes, PEER_MODE: {}}
         compiled[PEER_MODE] = (None, None, 0.0, None)
     for mode, overrides in modes.items():
-        step_fraction = overrides.get("barrier_step_fraction", 1.0)
-        if (mode, None) in median:
-            step_s = median[(mode, None)]
-        else:  # the mean step: a barrier step with probability step_fraction, else a CE one
-            step_s = step_fraction * median[(mode, True)] + (1 - step_fraction) * median[(
-                mode, False)]
-        memory = compiled[mode][3]
+        step_s, memory = median[mode], compiled[mode][3]
         row = {"config": name, "mode": mode, "compile_s": compiled[mode][2],
                "microbatches": _mode_config(config, overrides).microbatches,
                "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
@@ -147,8 +161,12 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         if mode == PEER_MODE:
             row["microbatches"] = 1
             row["description"] = peer.describe()
-        if (mode, True) in median:
-            row.update(barrier_step_ms=1e3 * median[(mode, True)], step_fraction=step_fraction)
+        step_fraction = 1.0
+        if mode in barrier_times:  # the lazy barrier's pattern has one barrier step in n
+            step_fraction = 1 / len(_step_pattern(compiled[mode][0],
+                                                  overrides["barrier_step_fraction"]))
+            row.update(barrier_step_ms=1e3 * statistics.median(barrier_times[mode][1:]),
+                       step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
             floor_s = 3 * step_fraction * barrier_forward_flops(
                 config.model, config.batch_size, overrides["scope"],

@@ -99,3 +99,10 @@ def test_determinant_share_times_one_step_of_blocks():
     assert share["block_size"] == model.d_model // model.num_heads
     assert share["ms"] > 0 and share["determinants_vs_floor"] == pytest.approx(
         share["ms"] / share["barrier_floor_ms"])
+
+
+def test_lazy_pattern_is_one_barrier_step_in_n():
+    programs = {True: "barrier step", False: "CE-only step"}
+    assert benchmark._step_pattern(programs, 0.25) == [True, False, False, False]
+    assert benchmark._step_pattern(programs, 0.3) == [True, False, False]  # 1/q rounded
+    assert benchmark._step_pattern({None: "step"}, 1.0) == [None]
