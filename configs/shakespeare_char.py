@@ -6,9 +6,9 @@ after about 3 minutes on an A100. It needs an accelerator.
 
 ``:cpu`` is nanoGPT's "I only have a CPU" recipe: 4 layers, 4 heads, d = 128, context 64,
 batch 12, 2000 steps, no dropout. nanoGPT reports validation loss 1.88 nats. Measured with
-stm_jax on a 2-core CPU (``:cpu,ce``): about 2 minutes of training (13.5-15k tokens/s),
-validation loss 1.886 nats on the in-training estimate (20 batches), 1.901 nats (2.743 BPC)
-on the whole validation split (``scripts/evaluate.py``). With the barrier (``:cpu,margin``)
+stm_jax on a 2-core CPU (``:cpu,ce``): 95 s of training (about 19k tokens/s), validation
+loss 1.886 nats on the in-training estimate (20 batches), 1.901 nats (2.743 BPC) on the
+whole validation split (``scripts/evaluate.py``). With the barrier (``:cpu,margin``)
 a step costs several times more on CPU: see the README's benchmark table.
 
 Objectives: ``:ce`` (default), ``:margin`` (lambda_m = 0.02), ``:map``; combine as
