@@ -161,19 +161,19 @@ def test_bfloat16_matmuls_keep_float32_determinants():
     (None, 3), (np.array([1, 4, 7, 9]), 0), (np.array([0, 2, 5, 6, 9]), 2)])
 def test_positions_and_chunks_give_the_same_statistics(x64, positions, chunk_size):
     params, u = random_layer(8, 12, 3, 4, 10, scale=2.0, dtype=jnp.float64)
-    _, full = attention.causal_self_attention(params, u)
+    _, full = jax.jit(attention.causal_self_attention)(params, u)
     index = np.arange(10) if positions is None else positions
     f = lambda p: attention.causal_self_attention(  # noqa: E731
         p, u, positions=None if positions is None else jnp.asarray(positions),
         chunk_size=chunk_size)[1]
-    stats = f(params)
+    stats = jax.jit(f)(params)
     np.testing.assert_allclose(stats.logdet, full.logdet[index], atol=1e-12)
     np.testing.assert_allclose(stats.head_logdet, full.head_logdet[:, index], atol=1e-12)
     np.testing.assert_array_equal(stats.head_sign, full.head_sign[:, index])
     # Gradients through the chunked, rematerialised path equal the plain ones.
     total = lambda s: jnp.sum(s.logdet) + jnp.sum(s.head_logdet)  # noqa: E731
-    plain = jax.grad(lambda p: total(jax.tree.map(
-        lambda x: x[..., index], attention.causal_self_attention(p, u)[1])))(params)
-    chunked = jax.grad(lambda p: total(f(p)))(params)
+    plain = jax.jit(jax.grad(lambda p: total(jax.tree.map(
+        lambda x: x[..., index], attention.causal_self_attention(p, u)[1]))))(params)
+    chunked = jax.jit(jax.grad(lambda p: total(f(p))))(params)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(chunked), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-10)

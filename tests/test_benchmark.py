@@ -41,27 +41,31 @@ def test_benchmark_rows_and_targets():
     config.model.vocab_size = 20
     config.batch_size = 2
     config.microbatches = 2
-    modes = {name: benchmark.MODES[name] for name in ("ce", "head", "head_estimator",
-                                                        "head_lazy", "ce_one_microbatch")}
+    modes = {name: benchmark.MODES[name] for name in ("ce", "head", "head_lazy")}
+    # The barrier on every other step: a timed pass of two steps keeps the test short.
+    modes["head_lazy"] = {**modes["head_lazy"], "barrier_step_fraction": 0.5}
     rows = benchmark.benchmark_config("tiny", config, modes, rounds=1, matmul_rate=1e11,
                                       peer=SleepingPeer, log=lambda _: None)
     assert [r["mode"] for r in rows] == [*modes, benchmark.PEER_MODE]
     assert all(r["step_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows[:-1])
     assert "overhead_vs_floor" in rows[1] and "overhead_vs_floor" not in rows[0]
-    assert [r["microbatches"] for r in rows] == [2, 2, 2, 2, 1, 1]
+    assert [r["microbatches"] for r in rows] == [2, 2, 2, 1]
+    one = benchmark._mode_config(config, benchmark.MODES["ce_one_microbatch"])
+    assert one.microbatches == 1 and config.microbatches == 2
     # Two rounds (one warm-up), each timing the second of two peer steps.
     assert SleepingPeer.calls == 4 and rows[-1]["step_ms"] >= 2
     assert rows[-1]["peak_memory_mb"] is None
     table, targets = benchmark.targets_table(rows, peer_tokens_per_s=19000)
     assert {t["target"] for t in targets} >= {
-        "tiny: head barrier peak memory / CE", "tiny: estimator step time / CE",
-        "tiny: estimator on 0.125 of steps, mean step time / CE",
+        "tiny: head barrier peak memory / CE", "tiny: head barrier overhead / arithmetic floor",
+        "tiny: estimator on 0.5 of steps, mean step time / CE",
         "tiny: CE-only tokens/s vs nanoGPT (a sleeping stand-in), same run"}
-    # The lazy mode is timed over one barrier step and seven CE-only ones; its floor is an
-    # eighth of the estimator's (the same positions, on one step in eight).
-    lazy = rows[3]
-    assert lazy["step_fraction"] == 0.125 and lazy["barrier_step_ms"] > 0
-    assert lazy["floor_ms"] == pytest.approx(rows[2]["floor_ms"] / 8)
+    # The lazy mode is timed over one barrier step and one CE-only step; its floor is half the
+    # estimator's (its positions, on every other step).
+    lazy = rows[2]
+    estimator_flops = benchmark.barrier_forward_flops(config.model, 2, "head", 0.125)
+    assert lazy["step_fraction"] == 0.5 and lazy["barrier_step_ms"] > 0
+    assert lazy["floor_ms"] == pytest.approx(1e3 * 3 * estimator_flops / 1e11 / 2)
     assert table.count("\n") == len(targets) + 1
     assert "| tiny | head | 2 |" in benchmark.format_table(rows)
 
