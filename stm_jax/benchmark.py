@@ -102,6 +102,17 @@ def _timed_second_pass(calls: list) -> list[float]:
     return times
 
 
+def _median_seconds(run, repeats: int) -> float:
+    """Median seconds of ``run()`` over ``repeats`` calls after one untimed (compiling) call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _step_pattern(programs: dict, step_fraction: float) -> list:
     """The order in which a mode's programs run in one timed pass. The lazy barrier runs a
     barrier step, then 1/q - 1 CE-only ones: its mean step as in training, including what a
@@ -121,19 +132,21 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, config.model.vocab_size,
                           (config.batch_size, config.model.context)).astype(np.int32)
-    compiled = {}
-    for mode, overrides in modes.items():
-        compiled[mode] = _compile(_mode_config(config, overrides), inputs)
+    mode_configs = {mode: _mode_config(config, overrides) for mode, overrides in modes.items()}
+    compiled, patterns = {}, {}
+    for mode, mode_config in mode_configs.items():
+        compiled[mode] = _compile(mode_config, inputs)
+        patterns[mode] = _step_pattern(compiled[mode][0],
+                                       modes[mode].get("barrier_step_fraction", 1.0))
         log(f"{name}/{mode}: compiled in {compiled[mode][2]:.1f}s")
     times = {mode: [] for mode in compiled}
-    barrier_times = {mode: [] for mode, (programs, *_) in compiled.items() if True in programs}
+    barrier_times = {mode: [] for mode, pattern in patterns.items() if pattern[0] is True}
     peer_step = peer.make_step(config, inputs, inputs) if peer is not None else None
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for mode, (programs, state, _, _) in compiled.items():
-            pattern = _step_pattern(programs, modes[mode].get("barrier_step_fraction", 1.0))
             step_times = _timed_second_pass([
                 lambda step=programs[drawn], state=state: jax.block_until_ready(
-                    step(state, inputs, inputs)) for drawn in pattern])
+                    step(state, inputs, inputs)) for drawn in patterns[mode]])
             times[mode].append(statistics.mean(step_times))
             if mode in barrier_times:
                 barrier_times[mode].append(step_times[0])
@@ -145,26 +158,23 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         config.model.context, config.model.vocab_size, config.model.mlp_ratio)
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
     ce_time, ce_memory = median["ce"], compiled["ce"][3]
+
+    def timing_row(mode, memory, compile_s, microbatches) -> dict:
+        step_s = median[mode]
+        return {"config": name, "mode": mode, "compile_s": compile_s,
+                "microbatches": microbatches,
+                "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
+                "peak_memory_mb": None if memory is None else memory / 2**20,
+                "mfu": tokens / step_s * model_flops / matmul_rate,
+                "step_vs_ce": step_s / ce_time,
+                "memory_vs_ce": None if memory is None else memory / max(ce_memory or 1, 1)}
+
     rows = []
-    if peer is not None:
-        modes = {**modes, PEER_MODE: {}}
-        compiled[PEER_MODE] = (None, None, 0.0, None)
     for mode, overrides in modes.items():
-        step_s, memory = median[mode], compiled[mode][3]
-        row = {"config": name, "mode": mode, "compile_s": compiled[mode][2],
-               "microbatches": _mode_config(config, overrides).microbatches,
-               "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
-               "peak_memory_mb": None if memory is None else memory / 2**20,
-               "mfu": tokens / step_s * model_flops / matmul_rate,
-               "step_vs_ce": step_s / ce_time,
-               "memory_vs_ce": None if memory is None else memory / max(ce_memory or 1, 1)}
-        if mode == PEER_MODE:
-            row["microbatches"] = 1
-            row["description"] = peer.describe()
-        step_fraction = 1.0
-        if mode in barrier_times:  # the lazy barrier's pattern has one barrier step in n
-            step_fraction = 1 / len(_step_pattern(compiled[mode][0],
-                                                  overrides["barrier_step_fraction"]))
+        _, _, compile_s, memory = compiled[mode]
+        row = timing_row(mode, memory, compile_s, mode_configs[mode].microbatches)
+        step_fraction = 1 / len(patterns[mode])  # the lazy barrier: one barrier step in n
+        if mode in barrier_times:
             row.update(barrier_step_ms=1e3 * statistics.median(barrier_times[mode][1:]),
                        step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
@@ -172,11 +182,14 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                 config.model, config.batch_size, overrides["scope"],
                 overrides.get("barrier_fraction", 1.0)) / matmul_rate
             row.update(floor_ms=1e3 * floor_s,
-                       overhead_vs_floor=(step_s - ce_time) / floor_s)
+                       overhead_vs_floor=(median[mode] - ce_time) / floor_s)
         rows.append(row)
-        memory_text = "" if memory is None else f", {row['peak_memory_mb']:.0f} MB"
-        log(f"{name}/{mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s"
-            f"{memory_text}")
+    if peer is not None:
+        rows.append({**timing_row(PEER_MODE, None, 0.0, 1), "description": peer.describe()})
+    for row in rows:
+        memory_text = "" if row["peak_memory_mb"] is None else f", {row['peak_memory_mb']:.0f} MB"
+        log(f"{name}/{row['mode']}: {row['step_ms']:.1f} ms/step, "
+            f"{row['tokens_per_s']:,.0f} tok/s{memory_text}")
     return rows
 
 
@@ -289,14 +302,8 @@ def determinant_share(config, matmul_rate: float, repeats: int = 5) -> dict:
     noise = jax.random.normal(jax.random.PRNGKey(0), (count, head_dim, head_dim))
     blocks = jnp.eye(head_dim) + 0.3 * noise / math.sqrt(head_dim)
     gradient = jax.jit(jax.grad(lambda a: jnp.sum(logdet.slogdet(a)[1])))
-    jax.block_until_ready(gradient(blocks))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(gradient(blocks))
-        times.append(time.perf_counter() - start)
+    ms = 1e3 * _median_seconds(lambda: jax.block_until_ready(gradient(blocks)), repeats)
     floor_s = 3 * barrier_forward_flops(model, config.batch_size, "head") / matmul_rate
-    ms = 1e3 * statistics.median(times)
     return {"blocks": count, "block_size": head_dim, "ms": ms,
             "barrier_floor_ms": 1e3 * floor_s, "determinants_vs_floor": ms / (1e3 * floor_s)}
 
@@ -324,11 +331,8 @@ def single_barrier_evaluation(tokens: int = 256, d_model: int = 384, num_heads: 
         for kind, fn in (("forward", value), ("forward+grad", jax.grad(value))):
             compiled = jax.jit(fn).lower(params).compile()
             memory = compiled.memory_analysis()
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(params))
-                times.append(time.perf_counter() - start)
-            rows.append({"scope": scope, "pass": kind, "ms": 1e3 * statistics.median(times[1:]),
+            seconds = _median_seconds(
+                lambda compiled=compiled: jax.block_until_ready(compiled(params)), repeats)
+            rows.append({"scope": scope, "pass": kind, "ms": 1e3 * seconds,
                          "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None})
     return rows
