@@ -1,9 +1,15 @@
-"""The custom-gradient slogdet against numpy and jnp.linalg.slogdet."""
+"""The custom-gradient slogdet against numpy and jnp.linalg.slogdet, and its LAPACK threads."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import jax.test_util
 import numpy as np
+import pytest
 
 from stm_jax import logdet
 
@@ -31,3 +37,30 @@ def test_singular_and_permuted_matrices(x64):
     assert logdet.slogdet(swap)[0][0] == 1.0
     odd = jnp.asarray(np.eye(3)[[1, 0, 2]][None])
     assert logdet.slogdet(odd)[0][0] == -1.0
+
+
+_OPENBLAS_THREADS = """
+import json, jax.numpy as jnp, stm_jax
+from stm_jax import logdet
+from threadpoolctl import threadpool_info
+before = {lib["filepath"] for lib in threadpool_info()}
+logdet.slogdet(jnp.eye(3))  # jaxlib loads scipy's OpenBLAS for its first LAPACK call
+print(json.dumps([lib["num_threads"] for lib in threadpool_info()
+                  if lib["internal_api"] == "openblas" and lib["filepath"] not in before]))
+"""
+
+
+@pytest.mark.parametrize("user_setting", [None, "2"])
+def test_openblas_runs_one_thread_unless_the_user_says_otherwise(user_setting):
+    """OpenBLAS threads fight XLA's for the cores (stm_jax/__init__.py): one by default."""
+    pytest.importorskip("threadpoolctl")
+    if user_setting is not None and (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenBLAS caps its threads at the core count")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    done = subprocess.run([sys.executable, "-c", _OPENBLAS_THREADS], env=env, text=True,
+                          capture_output=True, check=True)
+    threads = json.loads(done.stdout.strip().splitlines()[-1])
+    assert threads, "the first LAPACK call loaded no OpenBLAS library"
+    assert set(threads) == {int(user_setting or 1)}
