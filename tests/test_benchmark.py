@@ -58,12 +58,13 @@ def test_benchmark_rows_and_targets():
     table, targets = benchmark.targets_table(rows, peer_tokens_per_s=19000)
     assert {t["target"] for t in targets} >= {
         "tiny: head barrier peak memory / CE", "tiny: head barrier overhead / arithmetic floor",
-        "tiny: estimator on 0.5 of steps, mean step time / CE",
+        "tiny: estimator on 1/32 of positions and 1/2 of steps, mean step time / CE",
         "tiny: CE-only tokens/s vs nanoGPT (a sleeping stand-in), same run"}
     # The lazy mode is timed over one barrier step and one CE-only step; its floor is half the
     # estimator's (its positions, on every other step).
     lazy = rows[2]
-    estimator_flops = benchmark.barrier_forward_flops(config.model, 2, "head", 0.125)
+    estimator_flops = benchmark.barrier_forward_flops(
+        config.model, 2, "head", benchmark.MODES["head_lazy"]["barrier_fraction"])
     assert lazy["step_fraction"] == 0.5 and lazy["barrier_step_ms"] > 0
     assert lazy["floor_ms"] == pytest.approx(1e3 * 3 * estimator_flops / 1e11 / 2)
     assert table.count("\n") == len(targets) + 1
