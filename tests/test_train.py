@@ -62,6 +62,8 @@ def test_train_writes_metrics_checkpoints_and_learns(text_file, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # ~60 s; the default suite checks resumption end to end in
+# test_reliability.py (SIGINT, SIGTERM and kill -9, each resumed run equal to an unbroken one)
 def test_resume_equals_uninterrupted_run_bitwise(text_file, tmp_path):
     straight = tiny_config(text_file, num_steps=12, checkpoint_every=4)
     train.train_and_evaluate(straight, tmp_path / "straight")
