@@ -251,9 +251,12 @@ def estimator_spread(config, fraction: float, draws: int = 32,
 
 
 def _fraction_text(fraction: float) -> str:
-    """0.03125 -> "1/32"; fractions that are not one over a whole number as they are."""
+    """0.03125 -> "1/32", 1 -> "all"; fractions that are not one over a whole number as they
+    are."""
     inverse = 1 / fraction
-    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{fraction:g}"
+    if abs(inverse - round(inverse)) >= 1e-9:
+        return f"{fraction:g}"
+    return "all" if round(inverse) == 1 else f"1/{round(inverse)}"
 
 
 def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, list[dict]]:

@@ -92,6 +92,7 @@ def test_targets_compare_each_measurement_with_its_goal():
         "c: estimator on 1/4 of positions and 1/8 of steps, mean step time / CE": False,
         "c: CE-only tokens/s vs nanoGPT (peer), same run": False,
     }
+    assert [benchmark._fraction_text(f) for f in (1 / 32, 0.3, 1.0)] == ["1/32", "0.3", "all"]
     # Without a peer in the run, shakespeare_char:cpu's CE-only is held to the quoted rate.
     quoted = [{"config": "shakespeare_char:cpu", "mode": "ce", "tokens_per_s": 19500.0}]
     assert [t["met"] for t in benchmark.targets_table(quoted, peer_tokens_per_s=19000)[1]] == [

@@ -103,7 +103,7 @@ def test_jit_equals_eager_and_vmap_equals_loop():
     np.testing.assert_allclose(jitted, eager, rtol=1e-5)
     one = lambda x, y: loss_fn(state, x[None], y[None])[0]  # noqa: E731
     mapped = jax.vmap(one)(inputs, targets)
-    looped = [one(x, y) for x, y in zip(inputs, targets, strict=True)]
+    looped = [jax.jit(one)(x, y) for x, y in zip(inputs, targets, strict=True)]
     np.testing.assert_allclose(mapped, looped, rtol=1e-5)
 
 
