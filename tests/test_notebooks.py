@@ -25,7 +25,14 @@ def cell_sources(notebook) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source.strip()) for cell in notebook.cells]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The two heaviest notebooks (40-75 s each on 2 cores) run on request (`pytest -m slow`): the
+# default suite runs the derivation notebook, and tests/ covers the APIs the others use.
+SLOW_TO_EXECUTE = ("colab_tpu", "support_tokens")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_EXECUTE else name
+    for name in NOTEBOOKS])
 def test_notebook_executes(name, tmp_path, monkeypatch):
     """Convert the .py with jupytext and run every cell in a fresh python3 kernel."""
     monkeypatch.setenv("STM_JAX_NOTEBOOK_SMOKE", "1")  # notebooks with a smoke form use it
