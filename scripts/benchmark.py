@@ -22,9 +22,9 @@ flags.DEFINE_list("modes", list(benchmark.MODES), f"Subset of {list(benchmark.MO
 flags.DEFINE_integer("full_batch", 8, "Batch for the full shakespeare_char config (fits here).")
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds after one warm-up round.")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 matmuls.")
-flags.DEFINE_float("estimator_fraction", 1 / 32,
+flags.DEFINE_float("estimator_fraction", benchmark.MODES["head_estimator"]["barrier_fraction"],
                    "Fraction of positions for the estimator (head_estimator and head_lazy).")
-flags.DEFINE_float("lazy_step_fraction", 0.125,
+flags.DEFINE_float("lazy_step_fraction", benchmark.MODES["head_lazy"]["barrier_step_fraction"],
                    "Fraction of steps that evaluate the estimator in the head_lazy mode.")
 flags.DEFINE_float("peer_tokens_per_s", 19000.0,
                    "nanoGPT eager CPU rate to compare CE with when --peer is off.")

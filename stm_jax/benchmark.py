@@ -180,11 +180,12 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
             row.update(barrier_step_ms=1e3 * statistics.median(barrier_times[mode][1:]),
                        step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
+            position_fraction = overrides.get("barrier_fraction", 1.0)
             floor_s = 3 * step_fraction * barrier_forward_flops(
                 config.model, config.batch_size, overrides["scope"],
-                overrides.get("barrier_fraction", 1.0)) / matmul_rate
-            row.update(floor_ms=1e3 * floor_s, position_fraction=overrides.get(
-                "barrier_fraction", 1.0), overhead_vs_floor=(median[mode] - ce_time) / floor_s)
+                position_fraction) / matmul_rate
+            row.update(floor_ms=1e3 * floor_s, position_fraction=position_fraction,
+                       overhead_vs_floor=(median[mode] - ce_time) / floor_s)
         rows.append(row)
     if peer is not None:
         rows.append({**timing_row(PEER_MODE, None, 0.0, 1), "description": peer.describe()})
