@@ -24,6 +24,7 @@ Orbax behaviour this module relies on (orbax-checkpoint 0.12):
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=args)
         except Exception as error:  # Orbax and TensorStore raise many types
+            _silence_abandoned_reads()
             raise CheckpointError(_unreadable_message(path, error, self.all_steps())) from error
 
     def wait(self) -> None:
@@ -303,6 +305,20 @@ def _check_tree(path: Path, tree_metadata: Any, abstract_state: Any) -> None:
         "configuration probably changed since the checkpoint was written; run with the "
         "original configuration or start in a fresh workdir."
     )
+
+
+def _silence_abandoned_reads() -> None:
+    """A failed restore leaves Orbax's other array reads to fail when they are collected, at
+    exit, each printing "Exception ignored in" and a traceback after the one error line that
+    already names the damaged checkpoint. Drop those reports; others go to the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if getattr(code, "co_name", None) != "_read_array_index_and_device_put":
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _root_cause(error: BaseException) -> BaseException:
