@@ -22,6 +22,10 @@ from _train_helpers import snapshot
 from configs import tiny
 from stm_jax import attention, data, evaluate, restore, sampling, train
 
+# One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
+# fixtures are built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCHES = 2  # equal to tiny's eval_batches, so training's own validation BPC is comparable
 SETTINGS = dict(sigmas=(0.0, 0.5, 1.0), max_batches=MAX_BATCHES, margin_batches=1,

@@ -39,6 +39,10 @@ from _train_helpers import (
 
 from stm_jax import checkpointing, data, metrics, steps, train
 
+# One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
+# fixtures are built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 @pytest.fixture(scope="module")
 def env(request, tmp_path_factory):
@@ -142,6 +146,7 @@ def test_stop_request_sets_the_flag_and_restores_default_actions():
 SECOND_SIGNAL = """
 import os, signal, sys, time
 from stm_jax.train import _StopRequest
+
 with _StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     while stop.signal_name is None:

@@ -20,6 +20,10 @@ from _train_helpers import Result, train_env, write_text
 from stm_jax import claims, experiments, reproduce, run_plan
 from stm_jax.reproduce_summary import aggregate, evaluate_claims, headline_metrics
 
+# One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
+# fixtures are built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("reproduce")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
