@@ -25,6 +25,15 @@ def tokens(seed=0, batch=3, length=7):
     return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, 11)
 
 
+def jitted_objective(cfg, **kwargs):
+    """map_objective under nnx.jit: run eagerly, dispatching every small op took 10-20 s a test.
+
+    ``cfg`` is read when the function is traced: make a new one after changing it.
+    """
+    return nnx.jit(lambda model, inputs, targets: objective.map_objective(
+        model, inputs, targets, cfg, **kwargs))
+
+
 def float64_model(seed):
     """A small model whose parameters and compute dtype are float64 (inside the x64 fixture)."""
     graphdef, state = nnx.split(small_model(seed, dtype="float64"))
@@ -33,8 +42,8 @@ def float64_model(seed):
 
 def test_ce_only_equals_optax_cross_entropy():
     model, inputs, targets = small_model(), tokens(0), tokens(1)
-    loss, aux = objective.map_objective(model, inputs, targets, objective.objective_config("ce"))
-    logits, _ = model(inputs)
+    loss, aux = jitted_objective(objective.objective_config("ce"))(model, inputs, targets)
+    logits, _ = nnx.jit(lambda m, x: m(x))(model, inputs)
     expected = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_allclose(aux["bpc"], expected / np.log(2), rtol=1e-6)
@@ -46,26 +55,30 @@ def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
     model = nnx.merge(graphdef, state)
     inputs, targets = tokens(2), tokens(3)
     cfg = objective.objective_config("margin", barrier_eps=0.05)
-    loss, aux = objective.map_objective(model, inputs, targets, cfg)
-    # Oracle: rebuild each layer's attention input by hand and call the pure function.
-    x = model.embed(inputs)
-    per_token, head_stats = [], []
-    for block in model.blocks:
-        u = block.ln_attn(x)
-        stats = jax.vmap(lambda s, b=block: attention.causal_self_attention(
-            b.attention_params(), s, scope="head")[1])(u)
-        head_stats.append(stats)
-        per_token.append(barrier.smooth_log_barrier(stats.head_sign, stats.head_logdet, 0.05)
-                         .sum(axis=1))
-        x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float64,
-                     key=None)
+    loss, aux = jitted_objective(cfg)(model, inputs, targets)
+
+    @nnx.jit
+    def head_stats_by_hand(model, inputs):
+        """Each layer's attention input rebuilt by hand, then the pure function."""
+        x, head_stats = model.embed(inputs), []
+        for block in model.blocks:
+            u = block.ln_attn(x)
+            head_stats.append(jax.vmap(lambda s, b=block: attention.causal_self_attention(
+                b.attention_params(), s, scope="head")[1])(u))
+            x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float64,
+                         key=None)
+        return head_stats
+
+    head_stats = head_stats_by_hand(model, inputs)
+    per_token = [barrier.smooth_log_barrier(s.head_sign, s.head_logdet, 0.05).sum(axis=1)
+                 for s in head_stats]
     np.testing.assert_allclose(aux["barrier"], np.mean(per_token), rtol=1e-10)
     np.testing.assert_allclose(loss, aux["ce"] + 0.02 * aux["barrier"], rtol=1e-12)
     # A floor clips each head's barrier before the sum over heads.
     per_head = [barrier.smooth_log_barrier(s.head_sign, s.head_logdet, 0.05) for s in head_stats]
     for floor in (0.0, float(np.median(np.concatenate([np.ravel(b) for b in per_head])))):
         cfg.barrier_floor = floor
-        floored = objective.map_objective(model, inputs, targets, cfg)[1]["barrier"]
+        floored = jitted_objective(cfg)(model, inputs, targets)[1]["barrier"]
         expected = np.mean([np.maximum(b, floor).sum(axis=1) for b in per_head])
         np.testing.assert_allclose(floored, expected, rtol=1e-10)
 
@@ -86,7 +99,7 @@ def test_objective_gradients_match_finite_differences(x64, variant, scope, layer
 def test_every_term_is_reported_and_adds_up():
     model, inputs = small_model(), tokens(0)
     cfg = objective.objective_config("map")
-    loss, aux = objective.map_objective(model, inputs, inputs, cfg)
+    loss, aux = jitted_objective(cfg)(model, inputs, inputs)
     expected = aux["ce"] + cfg.lambda_m * aux["barrier"] + cfg.lambda_s * aux["prior"]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     for key in ("infeasible_tokens", "infeasible_fraction", "logdet_min", "noise_scale"):
@@ -168,14 +181,15 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     model = nnx.merge(graphdef, state)
     inputs = tokens(7, batch=2, length=5)
     cfg = objective.objective_config("margin", lambda_m=1.0)
-    exact = objective.map_objective(model, inputs, inputs, cfg)[1]["barrier"]
-    logits, stats = model(inputs, scope="head")
+    exact = jitted_objective(cfg)(model, inputs, inputs)[1]["barrier"]
+    head_stats = nnx.jit(lambda m, x, positions: m(x, scope="head", positions=positions)[1])
+    stats = nnx.jit(lambda m, x: m(x, scope="head")[1])(model, inputs)
     per_token = barrier.smooth_log_barrier(stats["head_sign"], stats["head_logdet"],
                                            cfg.barrier_eps).sum(axis=2)  # (L, B, T)
     subsets = list(itertools.combinations(range(5), 2))
     estimates = []
     for subset in subsets:
-        _, sub_stats = model(inputs, scope="head", positions=jnp.asarray(subset))
+        sub_stats = head_stats(model, inputs, jnp.asarray(subset))
         sub = barrier.smooth_log_barrier(sub_stats["head_sign"], sub_stats["head_logdet"],
                                          cfg.barrier_eps).sum(axis=2)
         np.testing.assert_allclose(sub, per_token[..., list(subset)], atol=1e-12)
@@ -183,7 +197,7 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     np.testing.assert_allclose(np.mean(estimates), exact, rtol=1e-12)
     # The objective draws such a subset when training (a dropout key is given).
     cfg.barrier_fraction = 0.4
-    _, aux = objective.map_objective(model, inputs, inputs, cfg, dropout_key=jax.random.PRNGKey(0))
+    _, aux = jitted_objective(cfg, dropout_key=jax.random.PRNGKey(0))(model, inputs, inputs)
     assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates)
 
 
