@@ -33,8 +33,8 @@ MODES = {
     "head": {"lambda_m": 0.02, "scope": "head"},
     "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 8},
     "layer": {"lambda_m": 0.02, "scope": "layer"},
-    # The estimator on 1/32 of the positions (2 of 64 at shakespeare_char:cpu), the fraction
-    # whose step meets 1.3x CE-only on a 2-core CPU; scripts/benchmark.py --estimator_fraction.
+    # The estimator on 1/32 of the positions (2 of 64 at shakespeare_char:cpu), whose step
+    # measured 1.20-1.31x CE-only on a 2-core CPU; scripts/benchmark.py --estimator_fraction.
     "head_estimator": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 1 / 32},
     # The estimator on a random eighth of the steps (weighted by 8), timed as it trains: one
     # barrier step, then seven CE-only ones (see _step_pattern).
