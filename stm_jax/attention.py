@@ -190,20 +190,28 @@ def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return logdet.slogdet(eye - b)
 
 
-def _products(params: dict, scope: Scope) -> tuple:
+class Products(NamedTuple):
+    """The weight products a scope needs (None where it needs none)."""
+
+    layer: tuple | None  # P_Q, P_K, P_V, each (H, H, p, p)
+    head: tuple | None  # their diagonal blocks, each (H, p, p)
+
+
+def _products(params: dict, scope: Scope) -> Products:
+    layer = weight_products(params) if scope in ("layer", "both") else None
     if scope == "head":
-        return head_weight_products(params)
-    return weight_products(params)
+        return Products(None, head_weight_products(params))
+    head = tuple(jnp.einsum("hhij->hij", x) for x in layer) if scope == "both" else None
+    return Products(layer, head)
 
 
-def _stats_of_rows(products: tuple, m: Moments, rows: QueryRows, scope: Scope) -> dict:
+def _stats_of_rows(products: Products, m: Moments, rows: QueryRows, scope: Scope) -> dict:
     stats = {}
     if scope in ("layer", "both"):
-        blocks = layer_block_matrix(m, rows, *products)
+        blocks = layer_block_matrix(m, rows, *products.layer)
         stats["sign"], stats["logdet"] = _slogdet_identity_minus(blocks)
-        products = tuple(jnp.einsum("hhij->hij", x) for x in products)
     if scope in ("head", "both"):
-        blocks = head_block_matrix(m, rows, *products)
+        blocks = head_block_matrix(m, rows, *products.head)
         stats["head_sign"], stats["head_logdet"] = _slogdet_identity_minus(blocks)
     return stats
 

@@ -310,14 +310,18 @@ def _check_tree(path: Path, tree_metadata: Any, abstract_state: Any) -> None:
 def _silence_abandoned_reads() -> None:
     """A failed restore leaves Orbax's other array reads to fail when they are collected, at
     exit, each printing "Exception ignored in" and a traceback after the one error line that
-    already names the damaged checkpoint. Drop those reports; others go to the previous hook."""
+    already names the damaged checkpoint. Drop those reports; others go to the previous hook.
+    Installed once per process, however many restores fail."""
     previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
 
     def hook(unraisable) -> None:
         code = getattr(unraisable.object, "cr_code", None)
         if getattr(code, "co_name", None) != "_read_array_index_and_device_put":
             previous(unraisable)
 
+    hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
 
 

@@ -16,8 +16,9 @@ def x64():
 def random_layer(seed: int, d: int, heads: int, head_dim: int, tokens: int, scale: float, dtype):
     """A random attention layer and input; a large scale puts some determinants below zero.
 
-    Gaussian weights with std scale/sqrt(fan_in), drawn by NumPy: jax.random run eagerly
-    compiled its kernels afresh for every new shape (about 1 s a layer).
+    The law of ``attention.init_attention_params`` (std scale/sqrt(fan_in)), drawn by NumPy:
+    that function's jax.random kernels compiled afresh for every new shape, eagerly or under
+    jit (1-2 s a layer).
     """
     rng = np.random.default_rng(seed)
 

@@ -146,7 +146,6 @@ def test_stop_request_sets_the_flag_and_restores_default_actions():
 SECOND_SIGNAL = """
 import os, signal, sys, time
 from stm_jax.train import _StopRequest
-
 with _StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     while stop.signal_name is None:
