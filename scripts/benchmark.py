@@ -14,7 +14,7 @@ import _bootstrap
 import jax
 from absl import flags, logging
 
-from stm_jax import atomic_files, benchmark, metrics
+from stm_jax import atomic_files, benchmark, metrics, objective
 
 flags.DEFINE_list("configs", ["tiny", "shakespeare_char:cpu", "shakespeare_char"],
                   "Configs from configs/, with an optional :variant.")
@@ -22,8 +22,12 @@ flags.DEFINE_list("modes", list(benchmark.MODES), f"Subset of {list(benchmark.MO
 flags.DEFINE_integer("full_batch", 8, "Batch for the full shakespeare_char config (fits here).")
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds after one warm-up round.")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 matmuls.")
-flags.DEFINE_float("estimator_fraction", benchmark.MODES["head_estimator"]["barrier_fraction"],
-                   "Fraction of positions for the estimator (head_estimator and head_lazy).")
+flags.DEFINE_integer("estimator_positions", 2,
+                     "Positions per sequence for the estimator modes (head_estimator, head_lazy): "
+                     "the fraction positions / context of each config (1/32 at context 64).")
+flags.DEFINE_float("estimator_fraction", None,
+                   "Fraction of positions for the estimator modes, instead of "
+                   "--estimator_positions.")
 flags.DEFINE_float("lazy_step_fraction", benchmark.MODES["head_lazy"]["barrier_step_fraction"],
                    "Fraction of steps that evaluate the estimator in the head_lazy mode.")
 flags.DEFINE_float("peer_tokens_per_s", 19000.0,
@@ -56,9 +60,6 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     modes = {name: dict(benchmark.MODES[name]) for name in FLAGS.modes}
-    for mode in ("head_estimator", "head_lazy"):
-        if mode in modes:
-            modes[mode]["barrier_fraction"] = FLAGS.estimator_fraction
     if "head_lazy" in modes:
         modes["head_lazy"]["barrier_step_fraction"] = FLAGS.lazy_step_fraction
     peer = None
@@ -67,18 +68,27 @@ def main(argv):
             from stm_jax import peer_nanogpt as peer
         except ImportError as error:
             sys.exit(f"error: --peer: {error}")
+    configs = []  # (label, config, the estimator's fraction), checked before any timing
+    for spec in FLAGS.configs:
+        label, config = load_config(spec)
+        fraction = FLAGS.estimator_fraction or FLAGS.estimator_positions / config.model.context
+        if not 0 < fraction <= 1:
+            sys.exit(f"error: {spec}: the estimator's fraction of positions is {fraction:g}; "
+                     "--estimator_positions must be 1 to the context length, "
+                     "--estimator_fraction in (0, 1]")
+        configs.append((label, config, fraction))
     rate = metrics.measure_matmul_flops()
     print(f"measured 2048^2 float32 matmul: {rate / 1e9:.0f} GFLOP/s on "
           f"{jax.devices()[0].device_kind}", flush=True)
     rows, spreads, determinants = [], [], []
-    for spec in FLAGS.configs:
-        label, config = load_config(spec)
-        rows += benchmark.benchmark_config(label, config, modes, rounds=FLAGS.rounds,
-                                           matmul_rate=rate, peer=peer,
-                                           log=lambda s: print(s, flush=True))
-        if "head_estimator" in modes or "head_lazy" in modes:
-            spreads.append({"config": label, **benchmark.estimator_spread(
-                config, FLAGS.estimator_fraction, step_fraction=FLAGS.lazy_step_fraction)})
+    for label, config, fraction in configs:
+        rows += benchmark.benchmark_config(
+            label, config, benchmark.with_estimator_fraction(modes, fraction),
+            rounds=FLAGS.rounds, matmul_rate=rate, peer=peer, log=lambda s: print(s, flush=True))
+        if any(mode in modes for mode in benchmark.ESTIMATOR_MODES):
+            spreads += [{"config": label, **benchmark.estimator_spread(
+                config, fraction, step_fraction=FLAGS.lazy_step_fraction, sampling=sampling)}
+                for sampling in objective.SAMPLINGS]
         if "head" in modes:
             determinants.append({"config": label, **benchmark.determinant_share(config, rate)})
     single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []
@@ -86,9 +96,11 @@ def main(argv):
     single_lines += [f"| {r['scope']} | {r['pass']} | {r['ms']:.1f} | {r['temp_mb']:.1f} |"
                      for r in single]
     targets_md, targets = benchmark.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s)
-    spread_lines = ["| config | fraction | exact barrier | estimator mean | std | relative std | "
-                    "relative std, on a fraction of steps |", "|---|---|---|---|---|---|---|"]
-    spread_lines += [f"| {s['config']} | {s['fraction']} | {s['exact']:.5f} | {s['mean']:.5f} | "
+    spread_lines = ["| config | fraction | positions drawn | exact barrier | estimator mean | "
+                    "std | relative std | relative std, on a fraction of steps |",
+                    "|---|---|---|---|---|---|---|---|"]
+    spread_lines += [f"| {s['config']} | {s['fraction']} | {s['sampling'].replace('_', ' ')} | "
+                     f"{s['exact']:.5f} | {s['mean']:.5f} | "
                      f"{s['std']:.5f} | {s['relative_std']:.3f} | "
                      f"{s['lazy_relative_std']:.3f} (q = {s['step_fraction']:g}) |"
                      for s in spreads]

@@ -33,8 +33,8 @@ MODES = {
     "head": {"lambda_m": 0.02, "scope": "head"},
     "head_chunked": {"lambda_m": 0.02, "scope": "head", "chunk_size": 8},
     "layer": {"lambda_m": 0.02, "scope": "layer"},
-    # The estimator on 1/32 of the positions (2 of 64 at shakespeare_char:cpu), whose step
-    # measured 1.20-1.31x CE-only on a 2-core CPU; scripts/benchmark.py --estimator_fraction.
+    # The estimator on 1/32 of the positions (2 of 64 at shakespeare_char:cpu);
+    # scripts/benchmark.py sets 2 positions per sequence for every config (with_estimator_fraction).
     "head_estimator": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 1 / 32},
     # The estimator on a random eighth of the steps (weighted by 8), timed as it trains: one
     # barrier step, then seven CE-only ones (see _step_pattern).
@@ -43,7 +43,14 @@ MODES = {
 }
 
 
+ESTIMATOR_MODES = ("head_estimator", "head_lazy")  # the modes with a fraction of positions
 PEER_MODE = "nanogpt_torch"  # the row of the peer's step (see benchmark_config's ``peer``)
+
+
+def with_estimator_fraction(modes: dict, fraction: float) -> dict:
+    """``modes`` with the estimator modes' fraction of positions set to ``fraction``."""
+    return {name: {**overrides, "barrier_fraction": fraction} if name in ESTIMATOR_MODES
+            else overrides for name, overrides in modes.items()}
 
 
 def barrier_forward_flops(model_cfg, batch: int, scope: str, fraction: float = 1.0) -> float:
@@ -212,11 +219,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def estimator_spread(config, fraction: float, draws: int = 32,
-                     step_fraction: float = 1.0) -> dict:
+def estimator_spread(config, fraction: float, draws: int = 32, step_fraction: float = 1.0,
+                     sampling: str = "per_sequence") -> dict:
     """Mean and spread of the subset estimator of the barrier against the exact value.
 
-    Evaluated at the initial parameters on one fixed batch; each draw is a new subset key.
+    Evaluated at the initial parameters on one fixed batch (the whole batch in one pass: with
+    "shared" sampling and microbatches, training draws one subset per microbatch, so its spread
+    is somewhat smaller than this); each draw is a new subset key.
     With ``step_fraction`` q < 1 (the barrier on a random fraction q of steps, weighted by
     1/q) the per-step estimate is 0 or X/q, whose variance is E[X^2]/q - E[X]^2: reported as
     ``lazy_relative_std`` from the same draws.
@@ -236,7 +245,7 @@ def estimator_spread(config, fraction: float, draws: int = 32,
     @functools.partial(jax.jit, static_argnums=2)
     def barrier_value(params, key, fraction):
         model = nnx.merge(graphdef, params)
-        positions = objective.barrier_positions(inputs.shape[-1], fraction, key)
+        positions = objective.barrier_positions(*inputs.shape, fraction, key, sampling)
         _, stats = model(inputs, scope="head", positions=positions)
         return objective.barrier_term(stats, cfg)[0]
 
@@ -244,7 +253,8 @@ def estimator_spread(config, fraction: float, draws: int = 32,
     estimates = np.array([float(barrier_value(state["params"], jax.random.PRNGKey(i), fraction))
                           for i in range(draws)])
     lazy_std = math.sqrt(max(np.mean(estimates**2) / step_fraction - estimates.mean()**2, 0.0))
-    return {"fraction": fraction, "exact": exact, "mean": float(estimates.mean()),
+    return {"fraction": fraction, "sampling": sampling, "exact": exact,
+            "mean": float(estimates.mean()),
             "std": float(estimates.std(ddof=1)), "draws": draws,
             "relative_std": float(estimates.std(ddof=1) / abs(exact)) if exact else None,
             "step_fraction": step_fraction,
@@ -276,7 +286,7 @@ def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, l
                     "<= 1.5x", r["memory_vs_ce"] <= 1.5)
                 add(f"{config}: {mode} barrier overhead / arithmetic floor",
                     f"{r['overhead_vs_floor']:.2f}x", "<= 1.3x", r["overhead_vs_floor"] <= 1.3)
-        for mode in ("head_estimator", "head_lazy"):
+        for mode in ESTIMATOR_MODES:
             if (config, mode) in by:
                 r = by[(config, mode)]
                 positions = f"estimator on {_fraction_text(r['position_fraction'])} of positions"

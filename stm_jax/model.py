@@ -66,9 +66,11 @@ class Block(nnx.Module):
         attn_key, mlp_key = _split_or_none(key, 2)
         u = self.ln_attn(x).astype(dtype)
         params = self.attention_params(dtype)
-        attend = jax.vmap(lambda seq: attention.causal_self_attention(
-            params, seq, scope=scope, positions=positions, chunk_size=chunk_size))
-        out, jac = attend(u)
+        per_sequence = positions is not None and positions.ndim == 2  # (B, n), else (n,)
+        attend = jax.vmap(lambda seq, seq_positions: attention.causal_self_attention(
+            params, seq, scope=scope, positions=seq_positions, chunk_size=chunk_size),
+            in_axes=(0, 0 if per_sequence else None))
+        out, jac = attend(u, positions)
         stats = {name: value for name, value in jac._asdict().items() if value is not None}
         if residuals:
             residual = at_least_float32(u - out)
@@ -136,8 +138,8 @@ class GPT(nnx.Module):
         log-dets and signs for ``scope`` != "none", squared residuals ||e_t||^2 (the prior's
         e_t = u_t - out_t) when ``residuals``, margins when ``margins``. They are returned as
         {name: (L', B, ...)}, e.g. "logdet" (L', B, T) and "head_logdet" (L', B, H, T).
-        ``positions`` (n,) restricts the log-dets to those tokens and ``chunk_size`` bounds
-        their memory (see ``attention.jacobian_stats``).
+        ``positions`` (n,), or (B, n) per sequence, restricts the log-dets to those tokens
+        and ``chunk_size`` bounds their memory (see ``attention.jacobian_stats``).
         """
         embed_key, *block_keys = _split_or_none(dropout_key, 1 + len(self.blocks))
         x = dropout(x, self.dropout_rate, embed_key)

@@ -9,8 +9,12 @@ Choices (configurable through the ``objective`` sub-config):
     must stay positive).
   * ``layers``: "embedding" (first layer only) or "all".
   * ``barrier_fraction`` < 1 estimates the barrier's mean from a uniformly random subset of
-    that fraction of positions per step (shared by the batch and the layers): unbiased for the
-    exact mean, at that fraction of the cost. Evaluation (no dropout key) is always exact.
+    that fraction of positions per step: unbiased for the exact mean, at that fraction of the
+    cost. Evaluation (no dropout key) is always exact. ``barrier_sampling`` "per_sequence"
+    (default) draws each sequence's subset independently; "shared" draws one subset for the
+    whole batch (what the reproduction study used). Both share it across layers and cost the
+    same; per sequence, B independent draws average out the barrier's strong dependence on
+    position, so the estimate's spread is several times smaller (README).
   * ``barrier_step_fraction`` < 1 evaluates the barrier on a random fraction q of training
     steps only, weighted by 1/q ("lazy" regularisation, as StyleGAN2 does for R1): unbiased
     for the barrier's gradient, at q times its cost. The training loop draws the steps
@@ -39,6 +43,8 @@ import optax
 from stm_jax import barrier
 from stm_jax.model import at_least_float32
 
+SAMPLINGS = ("per_sequence", "shared")  # objective.barrier_sampling
+
 VARIANTS = {
     "ce": {"lambda_m": 0.0, "lambda_s": 0.0},
     "margin": {"lambda_m": 0.02, "lambda_s": 0.0},
@@ -58,6 +64,7 @@ def objective_config(variant: str = "ce", **overrides) -> ml_collections.ConfigD
         "barrier_floor": -math.inf,
         "hyperprior_scale": 1.0,
         "barrier_fraction": 1.0,
+        "barrier_sampling": "per_sequence",
         "barrier_step_fraction": 1.0,
         "chunk_size": 0,
         **VARIANTS[variant],
@@ -79,17 +86,30 @@ def validate(cfg) -> None:
         raise ValueError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
     if not 0 < cfg.get("barrier_fraction", 1.0) <= 1:
         raise ValueError(f"objective.barrier_fraction={cfg.barrier_fraction} must be in (0, 1]")
+    if cfg.get("barrier_sampling", "per_sequence") not in SAMPLINGS:
+        raise ValueError(f"objective.barrier_sampling={cfg.barrier_sampling!r}; expected one of "
+                         f"{list(SAMPLINGS)}")
     if not 0 < cfg.get("barrier_step_fraction", 1.0) <= 1:
         raise ValueError(f"objective.barrier_step_fraction={cfg.barrier_step_fraction} must be "
                          "in (0, 1]")
 
 
-def barrier_positions(num_tokens: int, fraction: float, key: jax.Array | None):
-    """A uniformly random subset of round(fraction T) positions, or None for all of them."""
+def barrier_positions(batch: int, num_tokens: int, fraction: float, key: jax.Array | None,
+                      sampling: str = "per_sequence"):
+    """Uniformly random subsets of n = round(fraction T) positions, sorted, or None for all.
+
+    "per_sequence": (B, n), one independent subset per sequence; "shared": (n,) for all.
+    """
     if key is None or fraction >= 1.0:
         return None
     count = max(1, round(fraction * num_tokens))
-    return jnp.sort(jax.random.choice(key, num_tokens, (count,), replace=False))
+
+    def subset(subset_key):
+        return jnp.sort(jax.random.choice(subset_key, num_tokens, (count,), replace=False))
+
+    if sampling == "shared":
+        return subset(key)
+    return jax.vmap(subset)(jax.random.split(key, batch))
 
 
 def barrier_step_selected(key: jax.Array, step_fraction: float) -> jax.Array:
@@ -157,8 +177,8 @@ def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
     skipped = barrier_selected is False
     scope = cfg.scope if cfg.lambda_m > 0 and not skipped else "none"
     position_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-    positions = barrier_positions(inputs.shape[-1], cfg.get("barrier_fraction", 1.0),
-                                  position_key)
+    positions = barrier_positions(*inputs.shape, cfg.get("barrier_fraction", 1.0), position_key,
+                                  cfg.get("barrier_sampling", "per_sequence"))
     logits, stats = model(inputs, dropout_key=dropout_key, scope=scope, layers=cfg.layers,
                           residuals=cfg.lambda_s > 0, positions=positions,
                           chunk_size=cfg.get("chunk_size", 0))

@@ -114,6 +114,14 @@ def test_nanogpt_peer_step_trains():
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_estimator_fraction_goes_to_the_estimator_modes_only():
+    modes = {name: benchmark.MODES[name] for name in ("ce", "head", "head_lazy")}
+    changed = benchmark.with_estimator_fraction(modes, 0.25)
+    assert changed["head_lazy"] == {**modes["head_lazy"], "barrier_fraction": 0.25}
+    assert changed["ce"] == modes["ce"] and changed["head"] == modes["head"]
+    assert benchmark.MODES["head_lazy"]["barrier_fraction"] == 1 / 32  # not modified
+
+
 def test_estimator_spread_on_a_fraction_of_steps_is_wider():
     config = tiny.get_config()
     config.model.vocab_size = 20

@@ -174,7 +174,9 @@ def test_untied_head_and_bad_shapes():
 
 
 def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
-    """The mean over all equally likely subsets equals the exact barrier (enumerated)."""
+    """The mean over all equally likely subsets equals the exact barrier (enumerated), for one
+    subset shared by the batch and for one subset per sequence; each estimate is the exact
+    per-token barrier at its positions."""
     import itertools
 
     graphdef, state = float64_model(3)
@@ -186,19 +188,49 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     stats = nnx.jit(lambda m, x: m(x, scope="head")[1])(model, inputs)
     per_token = barrier.smooth_log_barrier(stats["head_sign"], stats["head_logdet"],
                                            cfg.barrier_eps).sum(axis=2)  # (L, B, T)
-    subsets = list(itertools.combinations(range(5), 2))
-    estimates = []
-    for subset in subsets:
-        sub_stats = head_stats(model, inputs, jnp.asarray(subset))
+
+    def estimate(positions, expected):
+        sub_stats = head_stats(model, inputs, jnp.asarray(positions))
         sub = barrier.smooth_log_barrier(sub_stats["head_sign"], sub_stats["head_logdet"],
                                          cfg.barrier_eps).sum(axis=2)
-        np.testing.assert_allclose(sub, per_token[..., list(subset)], atol=1e-12)
-        estimates.append(np.mean(sub))
-    np.testing.assert_allclose(np.mean(estimates), exact, rtol=1e-12)
-    # The objective draws such a subset when training (a dropout key is given).
+        np.testing.assert_allclose(sub, expected, atol=1e-12)
+        return np.mean(sub)
+
+    subsets = list(itertools.combinations(range(5), 2))
+    shared = [estimate(subset, per_token[..., list(subset)]) for subset in subsets]
+    per_sequence = [estimate([first, second], np.stack(
+        [per_token[:, 0, list(first)], per_token[:, 1, list(second)]], axis=1))
+        for first, second in itertools.product(subsets, repeat=2)]
+    for estimates in (shared, per_sequence):
+        np.testing.assert_allclose(np.mean(estimates), exact, rtol=1e-12)
+    chunked = nnx.jit(lambda m, x, positions: m(x, scope="head", positions=positions,
+                                                chunk_size=1)[1])
+    positions = jnp.asarray([[0, 3], [1, 4]])
+    np.testing.assert_allclose(chunked(model, inputs, positions)["head_logdet"],
+                               head_stats(model, inputs, positions)["head_logdet"], atol=1e-12)
+    # The objective draws such subsets when training (a dropout key is given).
     cfg.barrier_fraction = 0.4
-    _, aux = jitted_objective(cfg, dropout_key=jax.random.PRNGKey(0))(model, inputs, inputs)
-    assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates)
+    for sampling, estimates in (("shared", shared), ("per_sequence", per_sequence)):
+        cfg.barrier_sampling = sampling
+        _, aux = jitted_objective(cfg, dropout_key=jax.random.PRNGKey(0))(model, inputs, inputs)
+        assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates), sampling
+
+
+def test_per_sequence_positions_are_independent_uniform_subsets():
+    batch, length, count = 4000, 8, 2
+    positions = np.asarray(objective.barrier_positions(batch, length, count / length,
+                                                       jax.random.PRNGKey(0)))
+    assert positions.shape == (batch, count)
+    assert np.all(np.diff(positions, axis=1) > 0)  # sorted, without repeats
+    pairs = {tuple(row) for row in positions}
+    assert len(pairs) == 28  # every one of the C(8, 2) subsets is drawn
+    # Each position is in a subset with probability n/T = 1/4: 4 sigma ~ 0.027.
+    inclusion = np.bincount(positions.ravel(), minlength=length) / batch
+    np.testing.assert_allclose(inclusion, count / length, atol=0.03)
+    shared = objective.barrier_positions(batch, length, 0.25, jax.random.PRNGKey(0), "shared")
+    assert shared.shape == (count,)
+    with pytest.raises(ValueError, match="barrier_sampling"):
+        objective.validate(objective.objective_config("margin", barrier_sampling="rows"))
 
 
 def test_lazy_barrier_gradient_is_unbiased_over_the_step_draw(x64):
