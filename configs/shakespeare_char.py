@@ -10,7 +10,8 @@ stm_jax on a 2-core CPU (``:cpu,ce``): 95 s of training (about 19k tokens/s), va
 loss 1.886 nats on the in-training estimate (20 batches), 1.901 nats (2.743 BPC) on the
 whole validation split (``scripts/evaluate.py``). With the exact barrier (``:cpu,margin``)
 a step costs about 7-8x a CE-only one on CPU; with its estimator on 1/32 of the positions
-(``--config.objective.barrier_fraction=0.03125``) 1.2-1.3x: see the README's benchmark.
+(``--config.objective.barrier_fraction=0.03125``, 2 per sequence) about 1.2-1.3x: see the
+README's benchmark.
 
 Objectives: ``:ce`` (default), ``:margin`` (lambda_m = 0.02), ``:map``; combine as
 ``:cpu,margin``. Offline, point at the local file: ``--config.data.text_file=.../input.txt``
