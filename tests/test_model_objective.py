@@ -175,8 +175,8 @@ def test_untied_head_and_bad_shapes():
 
 def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     """The mean over all equally likely subsets equals the exact barrier (enumerated), for one
-    subset shared by the batch and for one subset per sequence; each estimate is the exact
-    per-token barrier at its positions."""
+    subset shared by the batch and for one subset per sequence; the model's statistics at the
+    given positions are the exact per-token ones there, and the objective draws such a subset."""
     import itertools
 
     graphdef, state = float64_model(3)
@@ -188,32 +188,35 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     stats = nnx.jit(lambda m, x: m(x, scope="head")[1])(model, inputs)
     per_token = barrier.smooth_log_barrier(stats["head_sign"], stats["head_logdet"],
                                            cfg.barrier_eps).sum(axis=2)  # (L, B, T)
-
-    def estimate(positions, expected):
+    # The model's statistics at given positions, shared (n,) or per sequence (B, n), are the
+    # exact per-token ones gathered there (test_attention checks chunks with positions).
+    for positions in ([1, 3], [[0, 3], [1, 4]], [[2, 4], [0, 1]]):
         sub_stats = head_stats(model, inputs, jnp.asarray(positions))
         sub = barrier.smooth_log_barrier(sub_stats["head_sign"], sub_stats["head_logdet"],
                                          cfg.barrier_eps).sum(axis=2)
-        np.testing.assert_allclose(sub, expected, atol=1e-12)
-        return np.mean(sub)
-
+        index = np.broadcast_to(np.asarray(positions), (2, 2))
+        np.testing.assert_allclose(sub, np.take_along_axis(per_token, index[None], axis=2),
+                                   atol=1e-12)
+    # Hence the estimates of every subset, and their mean over the equally likely ones.
     subsets = list(itertools.combinations(range(5), 2))
-    shared = [estimate(subset, per_token[..., list(subset)]) for subset in subsets]
-    per_sequence = [estimate([first, second], np.stack(
-        [per_token[:, 0, list(first)], per_token[:, 1, list(second)]], axis=1))
-        for first, second in itertools.product(subsets, repeat=2)]
+    shared = [np.mean(per_token[..., list(subset)]) for subset in subsets]
+    per_sequence = [np.mean(np.stack([per_token[:, 0, list(first)], per_token[:, 1, list(second)]]))
+                    for first, second in itertools.product(subsets, repeat=2)]
     for estimates in (shared, per_sequence):
         np.testing.assert_allclose(np.mean(estimates), exact, rtol=1e-12)
-    chunked = nnx.jit(lambda m, x, positions: m(x, scope="head", positions=positions,
-                                                chunk_size=1)[1])
-    positions = jnp.asarray([[0, 3], [1, 4]])
-    np.testing.assert_allclose(chunked(model, inputs, positions)["head_logdet"],
-                               head_stats(model, inputs, positions)["head_logdet"], atol=1e-12)
-    # The objective draws such subsets when training (a dropout key is given).
+    # The objective draws such subsets when training (a dropout key is given); per sequence,
+    # the two sequences' subsets differ on some of eight keys (all alike: 1e-8).
     cfg.barrier_fraction = 0.4
+    pairs = list(itertools.product(subsets, repeat=2))
     for sampling, estimates in (("shared", shared), ("per_sequence", per_sequence)):
         cfg.barrier_sampling = sampling
-        _, aux = jitted_objective(cfg, dropout_key=jax.random.PRNGKey(0))(model, inputs, inputs)
-        assert any(np.isclose(aux["barrier"], e, rtol=1e-12) for e in estimates), sampling
+        drawn = nnx.jit(lambda m, x, key: objective.map_objective(  # noqa: B023 (traced now)
+            m, x, x, cfg, dropout_key=key)[1]["barrier"])
+        matches = [[i for i, e in enumerate(estimates) if np.isclose(drawn(
+            model, inputs, jax.random.PRNGKey(key)), e, rtol=1e-12)] for key in range(8)]
+        assert all(matches), sampling
+        if sampling == "per_sequence":
+            assert any(pairs[i][0] != pairs[i][1] for found in matches for i in found)
 
 
 def test_per_sequence_positions_are_independent_uniform_subsets():
