@@ -23,7 +23,8 @@ TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 # Keys a resumed or reused workdir may differ in: data paths (the same file by another path),
 # what the data fills in, and bookkeeping that does not change the trained model.
 UNCHECKED_KEYS = ("data.", "model.vocab_size", "progress", "log_every", "eval_every",
-                  "eval_batches", "checkpoint_every", "keep_checkpoints", "distributed")
+                  "eval_batches", "checkpoint_every", "keep_checkpoints", "distributed",
+                  "peak_flops")
 
 
 @dataclasses.dataclass(frozen=True)

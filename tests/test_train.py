@@ -46,7 +46,7 @@ def restored_params(workdir):
 
 def test_train_writes_metrics_checkpoints_and_learns(text_file, tmp_path):
     config = tiny_config(text_file, num_steps=20, log_every=5, eval_every=10,
-                         checkpoint_every=10)
+                         checkpoint_every=10, peak_flops=2e11)
     summary = train.train_and_evaluate(config, tmp_path)
     assert summary["status"] == "finished" and summary["step"] == 20
     records = metrics.read_metrics(tmp_path, split="train")
@@ -55,11 +55,17 @@ def test_train_writes_metrics_checkpoints_and_learns(text_file, tmp_path):
     for key in ("loss", "ce", "barrier", "bpc", "tokens_per_s", "mfu", "infeasible_tokens"):
         assert key in last, key
     assert last["ce"] < first["ce"]
-    assert metrics.read_metrics(tmp_path, split="setup")[0]["compile_s"] > 0
+    setup = metrics.read_metrics(tmp_path, split="setup")[0]
+    assert setup["compile_s"] > 0 and setup["peak_flops"] == 2e11  # the given peak, not measured
     with checkpointing.Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [10, 20]
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "train_summary.json").exists()
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_negative_peak_flops_is_refused(text_file):
+    with pytest.raises(ValueError, match="peak_flops=-1.0 must be >= 0"):
+        train.validate_config(tiny_config(text_file, peak_flops=-1.0))
 
 
 @pytest.mark.slow  # ~60 s; the default suite checks resumption end to end in
@@ -100,7 +106,8 @@ import jax
 from configs import tiny
 from stm_jax import train
 config = tiny.get_config("margin")
-config.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, progress=False)
+config.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, progress=False,
+              peak_flops=1e11)  # no matmul measured at start
 config.data.text_file = {text!r}
 summary = train.train_and_evaluate(config, {workdir!r})
 print(json.dumps({{"devices": jax.device_count(), "val_loss": summary["val_loss"]}}))
