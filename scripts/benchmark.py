@@ -86,9 +86,9 @@ def main(argv):
             label, config, benchmark.with_estimator_fraction(modes, fraction),
             rounds=FLAGS.rounds, matmul_rate=rate, peer=peer, log=lambda s: print(s, flush=True))
         if any(mode in modes for mode in benchmark.ESTIMATOR_MODES):
-            spreads += [{"config": label, **benchmark.estimator_spread(
-                config, fraction, step_fraction=FLAGS.lazy_step_fraction, sampling=sampling)}
-                for sampling in objective.SAMPLINGS]
+            spreads += [{"config": label, **spread} for spread in benchmark.estimator_spreads(
+                config, fraction, step_fraction=FLAGS.lazy_step_fraction,
+                samplings=objective.SAMPLINGS)]
         if "head" in modes:
             determinants.append({"config": label, **benchmark.determinant_share(config, rate)})
     single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []

@@ -89,15 +89,18 @@ def weight_products(params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     These are the only places the d-dimensional weights enter the determinant; they are
     shared by every token, so the per-token work is independent of d.
     """
-    product = lambda w: jnp.einsum("dhi,gjd->hgij", w, params["wo"])  # noqa: E731
-    return product(params["wq"]), product(params["wk"]), product(params["wv"])
+    return _products_of(params, "dhi,gjd->hgij")
 
 
 def head_weight_products(params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The diagonal blocks P_X[h, h] = W_X^h W_O^h only, shape (H, p, p): all that the
     "head" scope needs, at 1/H of the work of ``weight_products``."""
-    product = lambda w: jnp.einsum("dhi,hjd->hij", w, params["wo"])  # noqa: E731
-    return product(params["wq"]), product(params["wk"]), product(params["wv"])
+    return _products_of(params, "dhi,hjd->hij")
+
+
+def _products_of(params: dict, spec: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """W_Q, W_K and W_V each contracted with W_O by the einsum ``spec``."""
+    return tuple(jnp.einsum(spec, params[name], params["wo"]) for name in ("wq", "wk", "wv"))
 
 
 def _diag(x: jax.Array) -> jax.Array:

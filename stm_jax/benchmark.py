@@ -221,11 +221,19 @@ def format_table(rows: list[dict]) -> str:
 
 def estimator_spread(config, fraction: float, draws: int = 32, step_fraction: float = 1.0,
                      sampling: str = "per_sequence") -> dict:
-    """Mean and spread of the subset estimator of the barrier against the exact value.
+    """``estimator_spreads`` for one way of drawing the positions."""
+    return estimator_spreads(config, fraction, draws, step_fraction, samplings=(sampling,))[0]
+
+
+def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: float = 1.0,
+                      samplings=("per_sequence", "shared")) -> list[dict]:
+    """Mean and spread of the subset estimator of the barrier against the exact value, one
+    dict per way of drawing the positions (``objective.SAMPLINGS``).
 
     Evaluated at the initial parameters on one fixed batch (the whole batch in one pass: with
     "shared" sampling and microbatches, training draws one subset per microbatch, so its spread
-    is somewhat smaller than this); each draw is a new subset key.
+    is somewhat smaller than this); each draw is a new subset key. The model, the batch and the
+    exact value are shared by the samplings.
     With ``step_fraction`` q < 1 (the barrier on a random fraction q of steps, weighted by
     1/q) the per-step estimate is 0 or X/q, whose variance is E[X^2]/q - E[X]^2: reported as
     ``lazy_relative_std`` from the same draws.
@@ -242,23 +250,27 @@ def estimator_spread(config, fraction: float, draws: int = 32, step_fraction: fl
     cfg = ml_collections.ConfigDict(config.objective.to_dict())
     cfg.update(lambda_m=0.02, scope="head")
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def barrier_value(params, key, fraction):
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def barrier_value(params, key, fraction, sampling):
         model = nnx.merge(graphdef, params)
         positions = objective.barrier_positions(*inputs.shape, fraction, key, sampling)
         _, stats = model(inputs, scope="head", positions=positions)
         return objective.barrier_term(stats, cfg)[0]
 
-    exact = float(barrier_value(state["params"], None, 1.0))
-    estimates = np.array([float(barrier_value(state["params"], jax.random.PRNGKey(i), fraction))
-                          for i in range(draws)])
-    lazy_std = math.sqrt(max(np.mean(estimates**2) / step_fraction - estimates.mean()**2, 0.0))
-    return {"fraction": fraction, "sampling": sampling, "exact": exact,
-            "mean": float(estimates.mean()),
-            "std": float(estimates.std(ddof=1)), "draws": draws,
+    exact = float(barrier_value(state["params"], None, 1.0, samplings[0]))
+    spreads = []
+    for sampling in samplings:
+        estimates = np.array([float(barrier_value(state["params"], jax.random.PRNGKey(i),
+                                                  fraction, sampling)) for i in range(draws)])
+        lazy_std = math.sqrt(max(np.mean(estimates**2) / step_fraction - estimates.mean()**2,
+                                 0.0))
+        spreads.append({
+            "fraction": fraction, "sampling": sampling, "exact": exact,
+            "mean": float(estimates.mean()), "std": float(estimates.std(ddof=1)), "draws": draws,
             "relative_std": float(estimates.std(ddof=1) / abs(exact)) if exact else None,
             "step_fraction": step_fraction,
-            "lazy_relative_std": lazy_std / abs(exact) if exact else None}
+            "lazy_relative_std": lazy_std / abs(exact) if exact else None})
+    return spreads
 
 
 def _fraction_text(fraction: float) -> str:

@@ -224,14 +224,17 @@ _PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def peak_flops(device: Any = None) -> tuple[float, str]:
+def peak_flops(device: Any = None, given: float = 0.0) -> tuple[float, str]:
     """``(peak FLOP/s, where the figure comes from)`` for ``device`` (default: the first one).
 
-    Known accelerators get their spec-sheet bf16 dense figure; anything else (CPUs in
-    particular) gets a measured float32 matmul rate, so MFU is always defined.
+    ``given`` > 0 (``config.peak_flops``) is used as it is. Otherwise known accelerators get
+    their spec-sheet bf16 dense figure, and anything else (CPUs in particular) a measured
+    float32 matmul rate, so MFU is always defined.
     """
     import jax
 
+    if given > 0:
+        return given, "config.peak_flops"
     device = jax.devices()[0] if device is None else device
     kind = str(getattr(device, "device_kind", "")).lower()
     for name, value in _PEAK_FLOPS:

@@ -329,8 +329,7 @@ def _loop(config, workdir, splits, vocab, *, state, graphdef, tx, ckpt, writer, 
     flops_per_token = metrics.transformer_flops_per_token(
         config.model.num_layers, config.model.d_model, config.model.num_heads,
         config.model.context, vocab.size, config.model.mlp_ratio, config.model.tie_embeddings)
-    peak, peak_source = ((config.peak_flops, "config.peak_flops")
-                         if config.get("peak_flops", 0.0) > 0 else metrics.peak_flops())
+    peak, peak_source = metrics.peak_flops(given=config.get("peak_flops", 0.0))
     _log(config, f"compiled the train step in {compile_s:.1f}s | peak {peak / 1e9:.0f} "
          f"GFLOP/s ({peak_source})")
     writer.write(start_step, {"compile_s": compile_s, "peak_flops": peak}, prefix="setup")
