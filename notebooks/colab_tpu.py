@@ -90,7 +90,7 @@ print(config.model)
 # cell resumes from the latest checkpoint (Colab runtimes get preempted).
 
 # %%
-from stm_jax import train
+from stm_jax.trainer import loop as train
 
 summary = train.train_and_evaluate(config, workdir)
 print(summary)
@@ -100,7 +100,7 @@ assert summary["status"] == "finished"
 # ## The metrics
 
 # %%
-from stm_jax import metrics
+from stm_jax.trainer import metrics
 
 records = metrics.read_metrics(workdir, split="train")
 print([(r["step"], round(r["loss"], 3)) for r in records])

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from stm_jax import attention, barrier
+from stm_jax.core import attention, barrier
 
 # %% [markdown]
 # ## 1. A small random layer

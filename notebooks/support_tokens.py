@@ -44,8 +44,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import stm_jax
-from stm_jax import attention, barrier, data, train
-from stm_jax.restore import load_trained
+from stm_jax import data
+from stm_jax.core import attention, barrier
+from stm_jax.trainer import loop as train
+from stm_jax.trainer.restore import load_trained
 
 sys.path.insert(0, str(Path(stm_jax.__file__).resolve().parents[1]))  # for `configs`
 from configs import tiny

@@ -73,8 +73,8 @@ def run_main(main_fn, argv) -> None:
     """Call ``main_fn(argv)``; print user-fixable errors as one line and exit non-zero."""
     from absl import app
 
-    from stm_jax.checkpointing import CheckpointError
-    from stm_jax.train import TrainingError
+    from stm_jax.trainer.checkpointing import CheckpointError
+    from stm_jax.trainer.loop import TrainingError
 
     try:
         main_fn(argv)

@@ -14,7 +14,9 @@ import _bootstrap
 import jax
 from absl import flags, logging
 
-from stm_jax import atomic_files, benchmark, metrics, objective
+from stm_jax import files, objective
+from stm_jax.bench import benchmark
+from stm_jax.trainer import metrics
 
 flags.DEFINE_list("configs", ["tiny", "shakespeare_char:cpu", "shakespeare_char"],
                   "Configs from configs/, with an optional :variant.")
@@ -65,7 +67,7 @@ def main(argv):
     peer = None
     if FLAGS.peer:
         try:
-            from stm_jax import peer_nanogpt as peer
+            from stm_jax.bench import peer_nanogpt as peer
         except ImportError as error:
             sys.exit(f"error: --peer: {error}")
     configs = []  # (label, config, the estimator's fraction), checked before any timing
@@ -124,8 +126,8 @@ def main(argv):
                      "float32)", "\n".join(single_lines)]
     report = "\n\n".join([*sections, "## Targets", targets_md])
     out = Path(FLAGS.out)
-    atomic_files.write_text(out / "benchmark.md", report + "\n")
-    atomic_files.write_text(out / "benchmark.json", json.dumps(
+    files.write_text(out / "benchmark.md", report + "\n")
+    files.write_text(out / "benchmark.json", json.dumps(
         {"matmul_flops": rate, "rows": rows, "estimator": spreads, "determinants": determinants,
          "single_barrier": single,
          "targets": targets,

@@ -9,7 +9,7 @@ the work.
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 from absl import app, flags, logging
 
-from stm_jax import evaluate
+from stm_jax.evaluation import evaluate
 
 flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -17,7 +17,7 @@ from pathlib import Path
 import _bootstrap
 from absl import app, flags
 
-from stm_jax import reproduce
+from stm_jax.study import reproduce
 
 flags.DEFINE_string("experiment", None, "shakespeare_cpu, wikitext2_cpu or shakespeare_full.")
 flags.DEFINE_integer("seeds", 3, "Seeds 0 .. seeds-1 for every run.")

@@ -7,7 +7,8 @@ same text; ``--temperature=0`` picks the likeliest character each time.
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 from absl import app, flags, logging
 
-from stm_jax import restore, sampling
+from stm_jax.evaluation import sampling
+from stm_jax.trainer import restore
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

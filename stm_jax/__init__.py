@@ -9,7 +9,7 @@ import os
 # it, which jax does lazily, so it is set before anything else here; a user's setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from stm_jax import attention, barrier  # noqa: E402
+from stm_jax.core import attention, barrier  # noqa: E402
 
 __all__ = ["attention", "barrier"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stm_jax import attention
+from stm_jax.core import attention
 
 LayerSet = Literal["embedding", "all"]
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from stm_jax import barrier
+from stm_jax.core import barrier
 from stm_jax.model import at_least_float32
 
 SAMPLINGS = ("per_sequence", "shared")  # objective.barrier_sampling

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stm_jax import checkpointing, steps
+from stm_jax.trainer import checkpointing, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stm_jax import accumulation, objective, steps
+from stm_jax import objective
+from stm_jax.trainer import accumulation, steps
 from tests.test_model_objective import float64_model, tokens
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_layer
 
-from stm_jax import attention
+from stm_jax.core import attention
 
 
 def residual_map(params, head=None):

@@ -6,7 +6,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from stm_jax import barrier
+from stm_jax.core import barrier
 
 EPS = 0.05
 

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from configs import tiny
-from stm_jax import benchmark
+from stm_jax.bench import benchmark
 
 
 def test_floor_counts_scale_with_the_shapes():
@@ -104,7 +104,7 @@ def test_nanogpt_peer_step_trains():
     pytest.importorskip("torch")
     import numpy as np
 
-    from stm_jax import peer_nanogpt
+    from stm_jax.bench import peer_nanogpt
 
     config = tiny.get_config()
     config.model.vocab_size = 20

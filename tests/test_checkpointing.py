@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from _train_helpers import snapshot
 
-from stm_jax.checkpointing import Checkpointer, CheckpointError
+from stm_jax.trainer.checkpointing import Checkpointer, CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"model": {"d_model": 128, "num_layers": 2}, "vocab_size": 256, "tokens": (1, 2)}
@@ -93,7 +93,7 @@ def test_keeps_latest_n(tmp_path):
 KILLED_SAVE = """
 import os, pathlib, signal, sys, time
 import jax.numpy as jnp
-from stm_jax.checkpointing import Checkpointer
+from stm_jax.trainer.checkpointing import Checkpointer
 directory = pathlib.Path(sys.argv[1])
 ckpt = Checkpointer(directory)
 ckpt.save(1, {"w": jnp.ones((8, 8))}, metadata={}, force=True)

@@ -20,7 +20,11 @@ import pytest
 from _train_helpers import snapshot
 
 from configs import tiny
-from stm_jax import attention, data, evaluate, restore, sampling, train
+from stm_jax import data
+from stm_jax.core import attention
+from stm_jax.evaluation import evaluate, sampling
+from stm_jax.trainer import loop as train
+from stm_jax.trainer import restore
 
 # One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
 # fixtures are built once rather than once per worker.

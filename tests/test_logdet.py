@@ -11,7 +11,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from stm_jax import logdet
+from stm_jax.core import logdet
 
 
 def test_values_and_gradients_match_the_references(x64):
@@ -41,7 +41,7 @@ def test_singular_and_permuted_matrices(x64):
 
 _OPENBLAS_THREADS = """
 import json, jax.numpy as jnp, stm_jax
-from stm_jax import logdet
+from stm_jax.core import logdet
 from threadpoolctl import threadpool_info
 before = {lib["filepath"] for lib in threadpool_info()}
 logdet.slogdet(jnp.eye(3))  # jaxlib loads scipy's OpenBLAS for its first LAPACK call

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from stm_jax import metrics
-from stm_jax.metrics import (
+from stm_jax.trainer import metrics
+from stm_jax.trainer.metrics import (
     MetricsWriter,
     format_duration,
     format_progress,

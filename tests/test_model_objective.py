@@ -9,8 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from stm_jax import attention, barrier, objective
 from stm_jax import model as model_lib
+from stm_jax import objective
+from stm_jax.core import attention, barrier
 
 
 def small_model(seed=0, **overrides):
@@ -264,7 +265,7 @@ def test_lazy_barrier_gradient_is_unbiased_over_the_step_draw(x64):
 
 def test_lazy_barrier_schedule_draws_the_fraction_and_replays():
     from configs import tiny
-    from stm_jax import steps
+    from stm_jax.trainer import steps
 
     config = tiny.get_config("margin")
     config.objective.barrier_step_fraction = 0.25

@@ -37,7 +37,9 @@ from _train_helpers import (
     write_text,
 )
 
-from stm_jax import checkpointing, data, metrics, steps, train
+from stm_jax import data
+from stm_jax.trainer import checkpointing, metrics, steps
+from stm_jax.trainer import loop as train
 
 # One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
 # fixtures are built once rather than once per worker.
@@ -145,7 +147,7 @@ def test_stop_request_sets_the_flag_and_restores_default_actions():
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from stm_jax.train import _StopRequest
+from stm_jax.trainer.loop import _StopRequest
 with _StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     while stop.signal_name is None:

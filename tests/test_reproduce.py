@@ -17,8 +17,9 @@ import jax
 import pytest
 from _train_helpers import Result, train_env, write_text
 
-from stm_jax import claims, experiments, reproduce, run_plan
-from stm_jax.reproduce_summary import aggregate, evaluate_claims, headline_metrics
+from stm_jax.study import claims, experiments, reproduce
+from stm_jax.study import plan as run_plan
+from stm_jax.study.summary import aggregate, evaluate_claims, headline_metrics
 
 # One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
 # fixtures are built once rather than once per worker.

@@ -20,9 +20,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from stm_jax import data
-from stm_jax.datasets import common, tiny_shakespeare_char, wikitext2_raw_char
-from stm_jax.datasets.tiny_shakespeare_char import TinyShakespeareChar
-from stm_jax.datasets.wikitext2_raw_char import Wikitext2RawChar
+from stm_jax.data.builders import common, tiny_shakespeare_char, wikitext2_raw_char
+from stm_jax.data.builders.tiny_shakespeare_char import TinyShakespeareChar
+from stm_jax.data.builders.wikitext2_raw_char import Wikitext2RawChar
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 TINY = "".join(f"{i}: Thou art {'more lovely' if i % 3 else 'fair'}; é!\n" for i in range(60))

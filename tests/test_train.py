@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from stm_jax import checkpointing, metrics, steps, train
+from stm_jax.trainer import checkpointing, metrics, steps
+from stm_jax.trainer import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,7 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax
 from configs import tiny
-from stm_jax import train
+from stm_jax.trainer import loop as train
 config = tiny.get_config("margin")
 config.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, progress=False,
               peak_flops=1e11)  # no matmul measured at start

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from stm_jax.workdir import LOCK_NAME, WorkdirError, WorkdirLock, prepare_workdir
+from stm_jax.trainer.workdir import LOCK_NAME, WorkdirError, WorkdirLock, prepare_workdir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 HOLD_LOCK = """
 import sys, time
-from stm_jax.workdir import WorkdirLock
+from stm_jax.trainer.workdir import WorkdirLock
 lock = WorkdirLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

@@ -6,9 +6,9 @@ is in the summary too. Means are followed by +- the sample standard deviation ov
 
 from __future__ import annotations
 
-from stm_jax import claims
-from stm_jax.experiments import BARRIER_RUN, CE_RUN
-from stm_jax.metrics import format_duration
+from stm_jax.study import claims
+from stm_jax.study.experiments import BARRIER_RUN, CE_RUN
+from stm_jax.trainer.metrics import format_duration
 
 NOISY = f"{claims.NOISE_MODE}_{claims.SIGMA:g}"
 _CLAIM_TITLES = {

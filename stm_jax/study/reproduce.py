@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stm_jax import atomic_files, environment, launch, reproduce_plots, reproduce_report
-from stm_jax.experiments import Experiment, get_experiment, select_runs
-from stm_jax.reproduce_summary import build_summary, json_safe
-from stm_jax.run_plan import (
+from stm_jax import files
+from stm_jax.study import environment, launch, plots, report
+from stm_jax.study.experiments import Experiment, get_experiment, select_runs
+from stm_jax.study.plan import (
     RunPlan,
     check_data,
     check_workdir_settings,
@@ -35,6 +35,7 @@ from stm_jax.run_plan import (
     run_state,
     shell_line,
 )
+from stm_jax.study.summary import build_summary, json_safe
 
 SUMMARY_FILE, REPORT_FILE = "summary.json", "report.md"
 NOTES_FILE, INVOCATIONS_FILE = "notes.md", "invocations.jsonl"
@@ -155,14 +156,13 @@ def write_outputs(experiment: Experiment, experiment_dir: Path,
     """summary.json, the plots and report.md from every finished run in ``experiment_dir``."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
     summary = build_summary(experiment, experiment_dir, read_invocations(experiment_dir))
-    atomic_files.write_text(experiment_dir / SUMMARY_FILE,
+    files.write_text(experiment_dir / SUMMARY_FILE,
                             json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
-    plots = reproduce_plots.write_plots(experiment, experiment_dir, summary)
+    written = plots.write_plots(experiment, experiment_dir, summary)
     notes_path = experiment_dir / NOTES_FILE
     notes = notes_path.read_text(encoding="utf-8") if notes_path.is_file() else None
-    report = reproduce_report.format_report(summary, plots, notes)
-    atomic_files.write_text(experiment_dir / REPORT_FILE, report)
+    files.write_text(experiment_dir / REPORT_FILE, report.format_report(summary, written, notes))
     verdicts = ", ".join(f"{claim['claim']}: {claim['verdict']}" for claim in summary["claims"])
-    echo(f"wrote {experiment_dir / REPORT_FILE}, {SUMMARY_FILE} and plots {plots} from "
+    echo(f"wrote {experiment_dir / REPORT_FILE}, {SUMMARY_FILE} and plots {written} from "
          f"{len(summary['runs'])} finished runs | {verdicts}")
     return summary

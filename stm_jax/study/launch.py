@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stm_jax.metrics import format_duration
-from stm_jax.run_plan import RunPlan, run_state, shell_line
+from stm_jax.study.plan import RunPlan, run_state, shell_line
+from stm_jax.trainer.metrics import format_duration
 
 TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
 TAIL_LINES = 15

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from stm_jax.experiments import Experiment, Run
+from stm_jax.study.experiments import Experiment, Run
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 # Keys a resumed or reused workdir may differ in: data paths (the same file by another path),

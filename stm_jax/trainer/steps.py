@@ -13,8 +13,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stm_jax import accumulation, objective
 from stm_jax import model as model_lib
+from stm_jax import objective
+from stm_jax.trainer import accumulation
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from stm_jax.datasets import common
+from stm_jax.data.builders import common
 
 URLS = (
     "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",

@@ -14,10 +14,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from stm_jax import atomic_files, claims
+from stm_jax import files
 from stm_jax.data import Vocab
-from stm_jax.evaluate import MARGINS_FILE, png_bytes
-from stm_jax.experiments import BARRIER_RUN, CE_RUN, Experiment
+from stm_jax.evaluation.evaluate import MARGINS_FILE, png_bytes
+from stm_jax.study import claims
+from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
 
 BPC_PLOT, SWEEP_PLOT = "bpc_vs_sigma.png", "lambda_sweep.png"
 MARGIN_PLOT, SUPPORT_PLOT = "margin_hist.png", "support_tokens.png"
@@ -172,6 +173,6 @@ def write_plots(experiment: Experiment, experiment_dir: Path, summary: dict) -> 
     written = []
     for name, figure in figures.items():
         if figure is not None:
-            atomic_files.write_bytes(experiment_dir / name, png_bytes(figure))
+            files.write_bytes(experiment_dir / name, png_bytes(figure))
             written.append(name)
     return written

@@ -1,154 +1,32 @@
-"""Character-level data: the vocabulary, the text splits, training batches and evaluation windows.
+"""``load_dataset``: the configured text as token splits, with the workdir's vocabulary.
 
-Everything the model sees goes through here, so that training, evaluation and sampling agree:
-
-* `load_dataset` reads the text splits (TFDS builders in `stm_jax.datasets`, or any UTF-8 text
-  file) and builds the vocabulary from the TRAIN split only. It stores the vocabulary as
-  ``workdir/vocab.json`` and, when that file exists, reuses it instead of rebuilding it, so a
-  checkpoint's token ids always mean the same characters.
-* `get_batch` draws random training windows as a pure function of (seed, step): a resumed run
-  replays exactly the batches of an uninterrupted one.
-* `eval_batches` walks a split in fixed, non-overlapping windows, so evaluation numbers are
-  comparable between runs.
+It reads the text splits (TFDS builders in `stm_jax.data.builders`, or any UTF-8 text file)
+and builds the vocabulary from the TRAIN split only. It stores the vocabulary as
+``workdir/vocab.json`` and, when that file exists, reuses it instead of rebuilding it, so a
+checkpoint's token ids always mean the same characters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from stm_jax import atomic_files
-from stm_jax.datasets import common
-from stm_jax.datasets.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
-from stm_jax.datasets.wikitext2_raw_char import Wikitext2RawChar
+from stm_jax.data.builders import common
+from stm_jax.data.builders.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
+from stm_jax.data.builders.wikitext2_raw_char import Wikitext2RawChar
+from stm_jax.data.vocab import VOCAB_FILENAME, Vocab, list_chars
 
-VOCAB_FILENAME = "vocab.json"
-UNKNOWN_CHAR = "\ufffd"  # how the unknown id decodes (U+FFFD REPLACEMENT CHARACTER)
 DATASET_NAMES = ("tiny_shakespeare", "wikitext2_raw", "text_file")
 # Datasets whose held-out splits legitimately contain characters the train split lacks (the
 # WikiText validation file has 284 distinct characters, the test file 259): they get an
 # unknown symbol. Elsewhere an out-of-vocabulary character is an error, never silently mapped.
 _DATASETS_WITH_UNKNOWN = ("wikitext2_raw",)
-_VOCAB_FORMAT = "stm_jax.vocab/1"
-_MAX_LISTED_CHARS = 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary
-
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-    """Characters sorted by code point; id i is ``chars[i]``.
-
-    With ``unknown=True`` one extra id, ``size - 1``, stands for every character not in
-    ``chars``; it decodes to U+FFFD. Without it, encoding an unknown character is an error.
-    """
-
-    chars: tuple[str, ...]
-    unknown: bool = False
-    _codes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        chars = tuple(self.chars)
-        if not chars:
-            raise ValueError("a vocabulary needs at least one character")
-        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
-            raise ValueError("vocabulary entries must be single characters")
-        if list(chars) != sorted(set(chars)):
-            raise ValueError("vocabulary characters must be unique and sorted by code point")
-        object.__setattr__(self, "chars", chars)
-        object.__setattr__(self, "_codes", np.array([ord(c) for c in chars], dtype=np.uint32))
-
-    @classmethod
-    def from_text(cls, text: str, *, unknown: bool = False) -> Vocab:
-        """The vocabulary of the distinct characters in ``text``."""
-        if not text:
-            raise ValueError("cannot build a vocabulary from empty text")
-        return cls(tuple(sorted(set(text))), unknown=unknown)
-
-    @property
-    def size(self) -> int:
-        """Number of ids, the unknown id included."""
-        return len(self.chars) + int(self.unknown)
-
-    @property
-    def unknown_id(self) -> int | None:
-        return self.size - 1 if self.unknown else None
-
-    def encode(self, text: str) -> np.ndarray:
-        """Ids of the characters of ``text`` as int32 (vectorised: no Python loop per char)."""
-        codes = _code_points(text)
-        pos = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
-        known = self._codes[pos] == codes
-        ids = pos.astype(np.int32)
-        if not known.all():
-            if not self.unknown:
-                raise ValueError("characters not in the vocabulary: " + _list_chars(codes[~known]))
-            ids[~known] = self.size - 1
-        return ids
-
-    def decode(self, ids: Any) -> str:
-        """The text of a 1-D sequence of ids (numpy, JAX or list)."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"decode takes a 1-D integer sequence, got {ids.dtype} {ids.shape}")
-        bad = (ids < 0) | (ids >= self.size)
-        if bad.any():
-            raise ValueError(
-                f"ids outside the vocabulary [0, {self.size}): {np.unique(ids[bad])[:10].tolist()}"
-            )
-        table = self._codes
-        if self.unknown:
-            table = np.append(table, np.uint32(ord(UNKNOWN_CHAR)))
-        return (
-            table[ids.astype(np.int64)]
-            .astype("<u4")
-            .tobytes()
-            .decode("utf-32-le", errors="surrogatepass")
-        )
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes JSON atomically (temp file + rename): a crash never leaves half a vocab."""
-        payload = {"format": _VOCAB_FORMAT, "unknown": self.unknown, "chars": list(self.chars)}
-        atomic_files.write_text(path, json.dumps(payload) + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Vocab:
-        """Reads a file written by `save`; a malformed file is a ValueError naming it."""
-        path = Path(path)
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-            if payload.get("format") != _VOCAB_FORMAT:
-                raise ValueError(f"format is {payload.get('format')!r}, not {_VOCAB_FORMAT!r}")
-            return cls(tuple(payload["chars"]), unknown=bool(payload["unknown"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(
-                f"{path} is not a valid vocabulary file ({err}); delete it to rebuild the "
-                "vocabulary from the train split, or restore the original."
-            ) from None
-
-
-def _code_points(text: str) -> np.ndarray:
-    """The code points of ``text`` as uint32, without a Python loop."""
-    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
-
-
-def _list_chars(codes: np.ndarray) -> str:
-    """The distinct characters in ``codes`` in order of first appearance, as Python literals."""
-    distinct, first = np.unique(codes, return_index=True)
-    ordered = distinct[np.argsort(first)]
-    listed = ", ".join(repr(chr(c)) for c in ordered[:_MAX_LISTED_CHARS])
-    if len(ordered) > _MAX_LISTED_CHARS:
-        listed += f" and {len(ordered) - _MAX_LISTED_CHARS} more"
-    return listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +191,7 @@ def _vocab_for(train_text: str, vocab_path: Path | None, unknown: bool) -> tuple
     if missing:
         raise ValueError(
             f"the train split has characters not in {vocab_path}: "
-            f"{_list_chars(np.array([ord(c) for c in missing]))}. The workdir belongs to another "
+            f"{list_chars(np.array([ord(c) for c in missing]))}. The workdir belongs to another "
             "dataset; use a fresh workdir (or delete vocab.json if no checkpoint depends on it)."
         )
     return vocab, False
@@ -402,78 +280,3 @@ def _describe(
         "unknown_symbol": vocab.unknown,
     }
 
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def check_split_length(tokens: np.ndarray, context: int, split_name: str) -> None:
-    """Raises unless ``tokens`` holds one window of ``context`` inputs plus its next target."""
-    if context < 1:
-        raise ValueError(f"context must be at least 1, got {context}")
-    if len(tokens) < context + 1:
-        raise ValueError(
-            f"the {split_name} split has {len(tokens):,} tokens, fewer than context + 1 = "
-            f"{context + 1:,}; use a shorter context or a longer text."
-        )
-
-
-def get_batch(
-    tokens: np.ndarray, *, seed: int, step: int, batch_size: int, context: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random training windows (inputs, targets), each int32 (batch_size, context).
-
-    A pure function of (seed, step) -- no generator state to checkpoint -- so a resumed run
-    replays the same batches. ``targets`` are ``inputs`` shifted by one token.
-    """
-    seed, step = int(seed), int(step)
-    if seed < 0 or step < 0:
-        raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    check_split_length(tokens, context, "training")
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - context, size=batch_size)
-    windows = np.asarray(tokens)[starts[:, None] + np.arange(context + 1)]  # (B, context + 1)
-    inputs = np.ascontiguousarray(windows[:, :-1], dtype=np.int32)
-    targets = np.ascontiguousarray(windows[:, 1:], dtype=np.int32)
-    return inputs, targets
-
-
-def num_eval_batches(
-    num_tokens: int, *, batch_size: int, context: int, max_batches: int | None = None
-) -> int:
-    """How many batches `eval_batches` yields; raises if not even one full batch fits."""
-    if batch_size < 1 or context < 1:
-        raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    num_windows = max(num_tokens - 1, 0) // context
-    num_batches = num_windows // batch_size
-    if num_batches == 0:
-        raise ValueError(
-            f"{num_tokens:,} tokens give {num_windows} windows of context {context}, fewer than "
-            f"one batch of {batch_size}; use a smaller evaluation batch size or context."
-        )
-    return num_batches if max_batches is None else min(num_batches, max_batches)
-
-
-def eval_batches(
-    tokens: np.ndarray, *, batch_size: int, context: int, max_batches: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Deterministic evaluation batches (inputs, targets), each int32 (batch_size, context).
-
-    Window k covers inputs ``tokens[k*context : (k+1)*context]`` and the targets one to the
-    right; windows do not overlap and start at the beginning of the split. Only full batches
-    are yielded: the tail after the last full batch (fewer than ``batch_size * context + 1``
-    tokens) is dropped, as are batches beyond ``max_batches``. Compare evaluation numbers only
-    at equal (batch_size, context, max_batches). Raises at call time if no full batch fits.
-    """
-    tokens = np.asarray(tokens, dtype=np.int32)
-    count = num_eval_batches(
-        len(tokens), batch_size=batch_size, context=context, max_batches=max_batches
-    )
-    span = count * batch_size * context
-    inputs = tokens[:span].reshape(count, batch_size, context)
-    targets = tokens[1 : span + 1].reshape(count, batch_size, context)
-    return zip(inputs, targets, strict=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from stm_jax.datasets import common
+from stm_jax.data.builders import common
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FILENAME = "input.txt"

@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from stm_jax import logdet
+from stm_jax.core import logdet
 
 Scope = Literal["none", "head", "layer", "both"]
 SCOPES = ("none", "head", "layer", "both")

@@ -4,27 +4,27 @@ import os
 
 import pytest
 
-from stm_jax import atomic_files
+from stm_jax import files
 
 
 def test_write_creates_folders_and_replaces_content(tmp_path):
     path = tmp_path / "new" / "summary.json"
-    atomic_files.write_text(path, "first")
-    atomic_files.write_text(path, "second")
+    files.write_text(path, "first")
+    files.write_text(path, "second")
     assert path.read_text() == "second"
     assert os.listdir(path.parent) == ["summary.json"]  # no temp file left behind
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "report.md"
-    atomic_files.write_text(path, "finished results")
+    files.write_text(path, "finished results")
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        atomic_files.write_bytes(path, b"half")
+        files.write_bytes(path, b"half")
     assert path.read_text() == "finished results"
     assert os.listdir(tmp_path) == ["report.md"]
 
@@ -32,7 +32,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
 def test_file_permissions_follow_the_umask(tmp_path):
     umask = os.umask(0o022)
     try:
-        atomic_files.write_text(tmp_path / "vocab.json", "{}")
+        files.write_text(tmp_path / "vocab.json", "{}")
     finally:
         os.umask(umask)
     assert (tmp_path / "vocab.json").stat().st_mode & 0o777 == 0o644

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stm_jax import metrics, steps
+from stm_jax.trainer import metrics, steps
 
 # name -> objective overrides (and "microbatches", which overrides the config's own);
 # "ce" is the baseline every ratio refers to.
@@ -330,7 +330,7 @@ def determinant_share(config, matmul_rate: float, repeats: int = 5) -> dict:
     many ``p x p`` blocks as one training step factorises (layers x batch x heads x
     positions), on well-conditioned random blocks: the part of the barrier left to LAPACK.
     """
-    from stm_jax import logdet
+    from stm_jax.core import logdet
 
     model = config.model
     head_dim = model.d_model // model.num_heads
@@ -351,7 +351,7 @@ def single_barrier_evaluation(tokens: int = 256, d_model: int = 384, num_heads: 
     The value is the mean smooth barrier over the sequence's tokens, from the attention
     parameters and the layer input; forward only, and forward + gradient.
     """
-    from stm_jax import attention, barrier
+    from stm_jax.core import attention, barrier
 
     params = attention.init_attention_params(jax.random.PRNGKey(0), d_model, num_heads,
                                              d_model // num_heads)

@@ -21,9 +21,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from stm_jax import checkpointing, data, steps
+from stm_jax import data
 from stm_jax import model as model_lib
-from stm_jax.train import CHECKPOINT_DIR, CONFIG_FILE, checkpoint_metadata
+from stm_jax.trainer import checkpointing, steps
+from stm_jax.trainer.loop import CHECKPOINT_DIR, CONFIG_FILE, checkpoint_metadata
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:

@@ -43,8 +43,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stm_jax import atomic_files, checkpointing, data, metrics, objective, steps
-from stm_jax.workdir import WorkdirError, WorkdirLock, prepare_workdir
+from stm_jax import data, files, objective
+from stm_jax.trainer import checkpointing, metrics, steps
+from stm_jax.trainer.workdir import WorkdirError, WorkdirLock, prepare_workdir
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -164,7 +165,7 @@ def _finite_or_none(value):
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    atomic_files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 class _StopRequest:

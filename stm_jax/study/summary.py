@@ -12,10 +12,10 @@ import math
 import statistics
 from pathlib import Path
 
-from stm_jax import claims
-from stm_jax.experiments import BARRIER_RUN, CE_RUN, Experiment
 from stm_jax.objective import objective_config
-from stm_jax.run_plan import read_json
+from stm_jax.study import claims
+from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
+from stm_jax.study.plan import read_json
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",

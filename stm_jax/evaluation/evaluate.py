@@ -35,8 +35,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stm_jax import atomic_files, barrier, data
-from stm_jax.restore import load_trained
+from stm_jax import data, files
+from stm_jax.core import barrier
+from stm_jax.trainer.restore import load_trained
 
 RESULTS_FILE = "eval_results.json"
 REPORT_FILE = "eval_report.md"
@@ -519,10 +520,10 @@ def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
 
 def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
                    margin_inputs: np.ndarray) -> None:
-    atomic_files.write_bytes(workdir / RESULTS_FILE,
+    files.write_bytes(workdir / RESULTS_FILE,
                   (json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n").encode())
-    atomic_files.write_bytes(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
-    atomic_files.write_bytes(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
-    atomic_files.write_bytes(workdir / MARGIN_PLOT,
+    files.write_bytes(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
+    files.write_bytes(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
+    files.write_bytes(workdir / MARGIN_PLOT,
                   plot_margin_hist(stats["margin"], stats["sign"], tau, results["step"]))
-    atomic_files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))
+    files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))

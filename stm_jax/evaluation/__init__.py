@@ -1,0 +1,1 @@
+"""Measuring a trained run (``evaluate``) and sampling text from it (``sampling``)."""

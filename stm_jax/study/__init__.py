@@ -1,0 +1,1 @@
+"""The reproduction study: experiments as data, run plans, launching, summary, claims, report."""
