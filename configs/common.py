@@ -1,14 +1,22 @@
-"""Defaults shared by every config, and the variant syntax ``configs/x.py:variant,variant``.
+"""Every setting a run reads, with its default, and the variant syntax ``configs/x.py:a,b``.
 
-Variants are comma-separated words: an objective ("ce", "margin", "map") and, where a config
-offers them, a size ("cpu"). Override any key on the command line: ``--config.num_steps=10``.
+This file is the one place defaults live: stm_jax reads every key it needs from the config
+and supplies none of its own. Variants are comma-separated words: an objective ("ce",
+"margin", "map") and, where a config offers them, a size ("cpu"). Override any key on the
+command line: ``--config.num_steps=10``. A config.json written before a key existed is
+upgraded where it is read (``stm_jax/trainer/workdir.py``, ``LEGACY_VALUES``).
 """
 
 import ml_collections
 
-from stm_jax import objective
-
-OBJECTIVES = tuple(objective.VARIANTS)
+# The objective variants: lambda_m weighs the barrier, lambda_s the prior (docs/math.md
+# section 5). "margin" is the paper's headline variant.
+OBJECTIVE_VARIANTS = {
+    "ce": {"lambda_m": 0.0, "lambda_s": 0.0},
+    "margin": {"lambda_m": 0.02, "lambda_s": 0.0},
+    "map": {"lambda_m": 0.02, "lambda_s": 0.01},
+}
+OBJECTIVES = tuple(OBJECTIVE_VARIANTS)
 
 
 def parse_variants(arg: str | None, sizes: tuple[str, ...] = ()) -> tuple[str | None, str]:
@@ -33,7 +41,7 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.num_steps = 1000
     config.batch_size = 32  # global batch, split over all devices
     # Gradient accumulation: each step's batch in this many sequential microbatches (the same
-    # gradient; activations of one microbatch live at a time). See stm_jax/accumulation.py.
+    # gradient; activations of one microbatch live at a time). See stm_jax/trainer/accumulation.py.
     config.microbatches = 1
 
     config.model = ml_collections.ConfigDict(dict(
@@ -43,7 +51,7 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
                           # determinants stay float32)
         vocab_size=-1,  # filled in from the data
     ))
-    config.objective = objective.objective_config(objective_variant)
+    config.objective = objective_config(objective_variant)
 
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
@@ -64,6 +72,29 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.distributed = False  # call jax.distributed.initialize() (multi-host)
     config.progress = True
     # MFU's denominator in FLOP/s. 0: a known accelerator's spec sheet, else a float32 matmul
-    # measured at start (about 1.5 s on a 2-core CPU); set it to skip that or to fix the scale.
+    # measured at start (a second or two on a CPU); set it to skip that or to fix the scale.
     config.peak_flops = 0.0
     return config
+
+
+def objective_config(variant: str = "ce") -> ml_collections.ConfigDict:
+    """The ``objective`` section for a named variant (see stm_jax/objective.py)."""
+    if variant not in OBJECTIVE_VARIANTS:
+        raise ValueError(f"unknown objective variant {variant!r}; expected one of "
+                         f"{list(OBJECTIVE_VARIANTS)}")
+    return ml_collections.ConfigDict(dict(
+        variant=variant,
+        layers="all",  # "all" or "embedding" (the first layer only)
+        scope="head",  # "head": each head's diagonal block; "layer": the exact det J_t
+        barrier_eps=1e-2,  # the smooth barrier is -log det above eps, quadratic below
+        barrier_floor=float("-inf"),  # max(b, floor) per determinant; 0 stops at det = 1
+        hyperprior_scale=1.0,  # log sigma_l ~ N(0, scale^2) for the prior's noise scales
+        # The barrier's cost (README, "Choosing a barrier mode"): a random fraction of the
+        # positions ("per_sequence" or "shared" subsets), of the steps (weighted 1/q), and
+        # chunks of positions under jax.checkpoint (0: none).
+        barrier_fraction=1.0,
+        barrier_sampling="per_sequence",
+        barrier_step_fraction=1.0,
+        chunk_size=0,
+        **OBJECTIVE_VARIANTS[variant],
+    ))

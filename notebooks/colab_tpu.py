@@ -90,9 +90,9 @@ print(config.model)
 # cell resumes from the latest checkpoint (Colab runtimes get preempted).
 
 # %%
-from stm_jax.trainer import loop as train
+from stm_jax.trainer.loop import train_and_evaluate
 
-summary = train.train_and_evaluate(config, workdir)
+summary = train_and_evaluate(config, workdir)
 print(summary)
 assert summary["status"] == "finished"
 

@@ -16,8 +16,8 @@
 # # The attention Jacobian, step by step
 #
 # This notebook checks the mathematics of `docs/math.md` (sections 1-4) numerically on a
-# small random layer: the closed forms in `stm_jax.attention` and `stm_jax.barrier` against
-# autodiff oracles (`jax.jacfwd`, `numpy.linalg`). Every claim is an `assert`; nothing is a
+# small random layer: the closed forms in `stm_jax.core.attention` and `stm_jax.core.barrier`
+# against autodiff oracles (`jax.jacfwd`, `numpy.linalg`). Every claim is an `assert`; nothing is a
 # number copied from an earlier run. Float64 throughout; the closed forms are asserted to
 # agree with the oracles to 1e-9.
 #

@@ -46,7 +46,8 @@ import numpy as np
 import stm_jax
 from stm_jax import data
 from stm_jax.core import attention, barrier
-from stm_jax.trainer import loop as train
+from stm_jax.model import Record
+from stm_jax.trainer.loop import train_and_evaluate
 from stm_jax.trainer.restore import load_trained
 
 sys.path.insert(0, str(Path(stm_jax.__file__).resolve().parents[1]))  # for `configs`
@@ -93,7 +94,7 @@ def train_tiny_model(folder: Path, num_steps: int = 30) -> Path:
     config.data.text_file = str(text_file)
     config.update(num_steps=num_steps, eval_every=num_steps, checkpoint_every=num_steps,
                   progress=False)
-    train.train_and_evaluate(config, folder / "run")
+    train_and_evaluate(config, folder / "run")
     return folder / "run"
 
 
@@ -107,15 +108,15 @@ print(f"model: {config.model.num_layers} layers, {config.model.num_heads} heads,
 # %% [markdown]
 # ## 1. Margins of every token in a few validation windows
 #
-# `model(tokens, scope="layer", margins=True)` returns per-layer statistics stacked on a
-# leading layer axis: `margin` is $m_t$, `sign` the sign of $\det J_t$ (a token with
+# `model(tokens, record=Record(scope="layer", margins=True))` returns per-layer statistics
+# stacked on a leading layer axis: `margin` is $m_t$, `sign` the sign of $\det J_t$ (a token with
 # $\det J_t \le 0$ has crossed the boundary: it is *infeasible*).
 
 # %%
 NUM_WINDOWS = 8
 inputs, _ = next(data.eval_batches(splits["validation"], batch_size=NUM_WINDOWS,
                                    context=config.model.context))
-_, stats = model(jnp.asarray(inputs), scope="layer", margins=True)
+_, stats = model(jnp.asarray(inputs), record=Record(scope="layer", margins=True))
 margins = np.asarray(stats["margin"])  # (layers, windows, positions)
 signs = np.asarray(stats["sign"])
 print("margins:", margins.shape, "| smallest per layer:", margins.min(axis=(1, 2)).round(4),
@@ -138,13 +139,13 @@ for layer, block in enumerate(model.blocks):
     for t in (0, 1, config.model.context // 2, config.model.context - 1):
         oracle = np.linalg.svd(jacobian[t, :, t, :], compute_uv=False).min()
         assert np.isclose(margins[layer, window, t], oracle, rtol=1e-4, atol=1e-5), (layer, t)
-    x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float32, key=None)
+    x, _ = block(x, record=Record(), dtype=jnp.float32, key=None)
 print("closed-form margins = sigma_min of the autodiff Jacobian blocks, every layer")
 
 # %% [markdown]
 # ## 3. Support tokens in the text
 #
-# Two rules (`stm_jax.barrier`): the $k$ smallest margins of a window
+# Two rules (`stm_jax.core.barrier`): the $k$ smallest margins of a window
 # (`support_tokens_bottom_k`) and every token with $m_t \le \tau$
 # (`support_tokens_threshold`); here $\tau$ is the 5% quantile of this layer's margins, so
 # about one token in twenty qualifies. Under the text: `^` bottom-$k$, `*` below $\tau$.

@@ -1,9 +1,10 @@
 """Shared start-up for the scripts: repo root on sys.path (for ``configs``), one-line errors.
 
 ``run(main)`` replaces ``app.run(main)``: a mistake the user can fix -- a bad flag, an unknown
-``--config.key``, a config file that does not load, bad data, a busy or foreign workdir, a
-damaged checkpoint -- is printed as ONE line ``error: ...`` on stderr with exit code 2,
-instead of absl's usage dump or a traceback. Anything else is a bug and keeps its traceback.
+``--config.key``, a config file that does not load, and every :class:`stm_jax.errors.UserError`
+(bad settings or data, a busy or foreign workdir, a damaged checkpoint) -- is printed as ONE
+line ``error: ...`` on stderr with exit code 2, instead of absl's usage dump or a traceback.
+Anything else, a ``ValueError`` or ``KeyError`` included, is a bug and keeps its traceback.
 """
 
 import sys
@@ -13,8 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Errors a user can fix get one clear line and exit code 2 instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError)
 EXIT_USER_ERROR = 2
 
 
@@ -73,12 +72,11 @@ def run_main(main_fn, argv) -> None:
     """Call ``main_fn(argv)``; print user-fixable errors as one line and exit non-zero."""
     from absl import app
 
-    from stm_jax.trainer.checkpointing import CheckpointError
-    from stm_jax.trainer.loop import TrainingError
+    from stm_jax.errors import UserError
 
     try:
         main_fn(argv)
-    except (CheckpointError, TrainingError, app.UsageError, *USER_ERRORS) as error:
+    except (UserError, app.UsageError) as error:
         fail(error)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

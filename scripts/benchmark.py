@@ -5,7 +5,6 @@ with the measured value next to each; writes both to ``--out`` as JSON and markd
 ``--device=gpu`` runs matmuls in bfloat16 (softmax, losses and determinants stay float32).
 """
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ import jax
 from absl import flags, logging
 
 from stm_jax import files, objective
-from stm_jax.bench import benchmark
-from stm_jax.trainer import metrics
+from stm_jax.bench import benchmark, report
+from stm_jax.errors import UserError
+from stm_jax.trainer import flops
 
 flags.DEFINE_list("configs", ["tiny", "shakespeare_char:cpu", "shakespeare_char"],
                   "Configs from configs/, with an optional :variant.")
@@ -69,17 +69,17 @@ def main(argv):
         try:
             from stm_jax.bench import peer_nanogpt as peer
         except ImportError as error:
-            sys.exit(f"error: --peer: {error}")
+            raise UserError(f"--peer: {error}") from None
     configs = []  # (label, config, the estimator's fraction), checked before any timing
     for spec in FLAGS.configs:
         label, config = load_config(spec)
         fraction = FLAGS.estimator_fraction or FLAGS.estimator_positions / config.model.context
         if not 0 < fraction <= 1:
-            sys.exit(f"error: {spec}: the estimator's fraction of positions is {fraction:g}; "
-                     "--estimator_positions must be 1 to the context length, "
-                     "--estimator_fraction in (0, 1]")
+            raise UserError(f"{spec}: the estimator's fraction of positions is {fraction:g}; "
+                            "--estimator_positions must be 1 to the context length, "
+                            "--estimator_fraction in (0, 1]")
         configs.append((label, config, fraction))
-    rate = metrics.measure_matmul_flops()
+    rate = flops.measure_matmul_flops()
     print(f"measured 2048^2 float32 matmul: {rate / 1e9:.0f} GFLOP/s on "
           f"{jax.devices()[0].device_kind}", flush=True)
     rows, spreads, determinants = [], [], []
@@ -94,45 +94,18 @@ def main(argv):
         if "head" in modes:
             determinants.append({"config": label, **benchmark.determinant_share(config, rate)})
     single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []
-    single_lines = ["| scope | pass | ms | XLA temporary MB |", "|---|---|---|---|"]
-    single_lines += [f"| {r['scope']} | {r['pass']} | {r['ms']:.1f} | {r['temp_mb']:.1f} |"
-                     for r in single]
-    targets_md, targets = benchmark.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s)
-    spread_lines = ["| config | fraction | positions drawn | exact barrier | estimator mean | "
-                    "std | relative std | relative std, on a fraction of steps |",
-                    "|---|---|---|---|---|---|---|---|"]
-    spread_lines += [f"| {s['config']} | {s['fraction']} | {s['sampling'].replace('_', ' ')} | "
-                     f"{s['exact']:.5f} | {s['mean']:.5f} | "
-                     f"{s['std']:.5f} | {s['relative_std']:.3f} | "
-                     f"{s['lazy_relative_std']:.3f} (q = {s['step_fraction']:g}) |"
-                     for s in spreads]
-    sections = [
-        f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}, matmul {rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
-        "## Measurements", benchmark.format_table(rows)]
-    if spreads:
-        sections += ["## Barrier estimator spread (32 draws, initial parameters)",
-                     "\n".join(spread_lines)]
-    if determinants:
-        lines = ["| config | p x p blocks per step | slogdet forward + gradient | "
-                 "whole barrier's arithmetic floor | ratio |", "|---|---|---|---|---|"]
-        lines += [f"| {r['config']} | {r['blocks']:,} of {r['block_size']} x {r['block_size']} | "
-                  f"{r['ms']:.1f} ms | {r['barrier_floor_ms']:.1f} ms | "
-                  f"{r['determinants_vs_floor']:.2f}x |" for r in determinants]
-        sections += ["## The exact head barrier's determinants alone (LAPACK LU and two "
-                     "triangular solves per block)", "\n".join(lines)]
-    if single:
-        sections += ["## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, "
-                     "float32)", "\n".join(single_lines)]
-    report = "\n\n".join([*sections, "## Targets", targets_md])
-    out = Path(FLAGS.out)
-    files.write_text(out / "benchmark.md", report + "\n")
-    files.write_text(out / "benchmark.json", json.dumps(
-        {"matmul_flops": rate, "rows": rows, "estimator": spreads, "determinants": determinants,
-         "single_barrier": single,
-         "targets": targets,
-         "command": " ".join(sys.argv)}, indent=2))
-    print("\n" + report, flush=True)
+    result = {
+        "machine": f"Machine: {platform.processor() or platform.machine()}, "
+                   f"{jax.device_count()} x {jax.devices()[0].device_kind}, matmul "
+                   f"{rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
+        "matmul_flops": rate, "rows": rows, "estimator": spreads, "determinants": determinants,
+        "single_barrier": single,
+        "targets": report.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s),
+        "command": " ".join(sys.argv)}
+    markdown = report.format_report(result)
+    files.write_text(Path(FLAGS.out) / "benchmark.md", markdown)
+    files.write_json(Path(FLAGS.out) / "benchmark.json", result, indent=2)
+    print("\n" + markdown, flush=True)
 
 
 if __name__ == "__main__":

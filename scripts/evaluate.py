@@ -9,6 +9,8 @@ the work.
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 from absl import app, flags, logging
 
+from stm_jax import evaluation
+from stm_jax.errors import UserError
 from stm_jax.evaluation import evaluate
 
 flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
@@ -32,7 +34,7 @@ def parse_sigmas(values: list[str]) -> list[float]:
     try:
         return [float(value) for value in values]
     except ValueError:
-        raise ValueError(f"--sigmas={','.join(values)} must be comma-separated numbers") from None
+        raise UserError(f"--sigmas={','.join(values)} must be comma-separated numbers") from None
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -64,8 +66,8 @@ def main(argv):
         margin_batch_size=FLAGS.margin_batch_size, tau=FLAGS.tau, bottom_k=FLAGS.bottom_k,
         support_windows=FLAGS.support_windows, seed=FLAGS.seed)
     print("\n".join(summary_lines(results)))
-    print(f"wrote {evaluate.REPORT_FILE}, {evaluate.RESULTS_FILE}, {evaluate.BPC_PLOT}, "
-          f"{evaluate.MARGIN_PLOT} and {evaluate.MARGINS_FILE} in {FLAGS.workdir}")
+    print(f"wrote {evaluation.REPORT_FILE}, {evaluation.RESULTS_FILE}, {evaluation.BPC_PLOT}, "
+          f"{evaluation.MARGIN_PLOT} and {evaluation.MARGINS_FILE} in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Seeded reproduction study: ``python scripts/reproduce.py --experiment=NAME --data_root=DIR``.
 
-Trains every run of the experiment (``stm_jax/experiments.py``) once per seed with
+Trains every run of the experiment (``stm_jax/study/experiments.py``) once per seed with
 ``scripts/train.py``, evaluates each with ``scripts/evaluate.py``, and writes
 ``OUTPUT_DIR/NAME/``: ``summary.json``, ``report.md`` and plots. Rerunning the same command
 resumes: finished runs are skipped, interrupted ones continue from their checkpoints.

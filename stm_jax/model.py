@@ -8,6 +8,7 @@ function of (params, batch, key) and a resumed run replays exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -15,8 +16,55 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stm_jax.core import attention
+from stm_jax.errors import UserError
 
 LayerSet = Literal["embedding", "all"]
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What a forward pass records per layer besides the logits (one request, not a flag per
+    quantity threaded through every signature).
+
+    scope: the log-dets of J_t, "head", "layer", "both" or "none".
+    layers: "all", or "embedding" for the first layer only.
+    residuals: ||e_t||^2 = ||u_t - out_t||^2, the prior's squared error.
+    margins: sigma_min(J_t) per token, layer and head (an SVD each: evaluation only).
+    positions: log-dets at these token indices only, (n,) shared or (B, n) per sequence.
+    chunk_size: > 0 computes the log-dets in chunks of positions (bounded memory).
+    """
+
+    scope: attention.Scope = "none"
+    layers: LayerSet = "all"
+    residuals: bool = False
+    margins: bool = False
+    positions: jax.Array | None = None
+    chunk_size: int = 0
+
+    def for_layer(self, index: int) -> Record:
+        """What layer ``index`` records: everything asked, or nothing outside the layer set."""
+        if self.layers == "all" or index == 0:
+            return self
+        return Record(layers=self.layers)
+
+    @property
+    def anything(self) -> bool:
+        return self.scope != "none" or self.residuals or self.margins
+
+
+def validate_config(model_cfg) -> None:
+    """Raise :class:`UserError` for a ``model`` config no model can be built from."""
+    for key in ("num_layers", "num_heads", "d_model", "context", "mlp_ratio"):
+        if not isinstance(model_cfg[key], int) or model_cfg[key] < 1:
+            raise UserError(f"model.{key}={model_cfg[key]!r} must be a positive integer")
+    if model_cfg.d_model % model_cfg.num_heads:
+        raise UserError(f"model.d_model={model_cfg.d_model} is not divisible by "
+                        f"model.num_heads={model_cfg.num_heads}; choose num_heads dividing it")
+    if not 0.0 <= model_cfg.dropout < 1.0:
+        raise UserError(f"model.dropout={model_cfg.dropout} must be in [0, 1)")
+    if model_cfg.dtype not in DTYPES:
+        raise UserError(f"model.dtype={model_cfg.dtype!r}; expected one of {DTYPES}")
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -60,25 +108,22 @@ class Block(nnx.Module):
         params = {"wq": self.wq[...], "wk": self.wk[...], "wv": self.wv[...], "wo": self.wo[...]}
         return params if dtype is None else jax.tree.map(lambda w: w.astype(dtype), params)
 
-    def __call__(self, x, *, scope: attention.Scope, residuals: bool, margins: bool, dtype, key,
-                 positions=None, chunk_size: int = 0):
+    def __call__(self, x, *, record: Record, dtype, key):
         """x: (B, T, d) -> (x', stats dict of this layer's per-token statistics)."""
         attn_key, mlp_key = _split_or_none(key, 2)
         u = self.ln_attn(x).astype(dtype)
         params = self.attention_params(dtype)
+        positions = record.positions
         per_sequence = positions is not None and positions.ndim == 2  # (B, n), else (n,)
         attend = jax.vmap(lambda seq, seq_positions: attention.causal_self_attention(
-            params, seq, scope=scope, positions=seq_positions, chunk_size=chunk_size),
+            params, seq, scope=record.scope, positions=seq_positions,
+            chunk_size=record.chunk_size, with_margins=record.margins),
             in_axes=(0, 0 if per_sequence else None))
         out, jac = attend(u, positions)
         stats = {name: value for name, value in jac._asdict().items() if value is not None}
-        if residuals:
+        if record.residuals:
             residual = at_least_float32(u - out)
             stats["residual_sq"] = jnp.sum(residual**2, axis=-1)  # ||e_t||^2, (B, T)
-        if margins:
-            stats["margin"] = jax.vmap(lambda seq: attention.margins(params, seq))(u)
-            stats["head_margin"] = jax.vmap(
-                lambda seq: attention.margins(params, seq, scope="head"))(u)
         x = x + dropout(out.astype(x.dtype), self.dropout_rate, attn_key)
         # The MLP on (B T, d) rows: with 3-D activations XLA transposes the (B T, 4d) hidden
         # gradient (GELU's backward included) for the weight gradient, about 15% of a CE step.
@@ -97,7 +142,7 @@ class GPT(nnx.Module):
                              f"model.num_heads={cfg.num_heads}")
         self.context, self.dropout_rate = cfg.context, cfg.dropout
         self.tie_embeddings = cfg.tie_embeddings
-        self.dtype_name = str(cfg.get("dtype", "float32"))
+        self.dtype_name = str(cfg.dtype)
         init = nnx.initializers.normal(0.02)
         self.token_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs)
         self.position_embed = nnx.Param(init(rngs.params(), (cfg.context, cfg.d_model)))
@@ -125,30 +170,18 @@ class GPT(nnx.Module):
         x: jax.Array,
         *,
         dropout_key: jax.Array | None = None,
-        scope: attention.Scope = "none",
-        layers: LayerSet = "all",
-        residuals: bool = False,
-        margins: bool = False,
-        positions: jax.Array | None = None,
-        chunk_size: int = 0,
+        record: Record = Record(),
     ) -> tuple[jax.Array, dict]:
-        """Logits (B, T, V) and per-layer statistics stacked on a leading layer axis.
-
-        Statistics are computed for the layers in ``layers`` ("embedding": the first only):
-        log-dets and signs for ``scope`` != "none", squared residuals ||e_t||^2 (the prior's
-        e_t = u_t - out_t) when ``residuals``, margins when ``margins``. They are returned as
-        {name: (L', B, ...)}, e.g. "logdet" (L', B, T) and "head_logdet" (L', B, H, T).
-        ``positions`` (n,), or (B, n) per sequence, restricts the log-dets to those tokens
-        and ``chunk_size`` bounds their memory (see ``attention.jacobian_stats``).
+        """Logits (B, T, V) and the per-layer statistics ``record`` asks for, stacked on a
+        leading layer axis: {name: (L', B, ...)}, e.g. "logdet" (L', B, T) and "head_logdet"
+        (L', B, H, T), where L' counts the layers in ``record.layers``.
         """
         embed_key, *block_keys = _split_or_none(dropout_key, 1 + len(self.blocks))
         x = dropout(x, self.dropout_rate, embed_key)
         per_layer = []
         for index, (block, key) in enumerate(zip(self.blocks, block_keys, strict=True)):
-            wanted = layers == "all" or index == 0
-            x, stats = block(x, scope=scope if wanted else "none", residuals=residuals and wanted,
-                             margins=margins and wanted, dtype=self.compute_dtype, key=key,
-                             positions=positions, chunk_size=chunk_size)
+            x, stats = block(x, record=record.for_layer(index), dtype=self.compute_dtype,
+                             key=key)
             if stats:
                 per_layer.append(stats)
         x = self.ln_final(x)
@@ -166,7 +199,3 @@ class GPT(nnx.Module):
 
 def init_model(model_cfg, seed: int) -> GPT:
     return GPT(model_cfg, rngs=nnx.Rngs(params=seed))
-
-
-def count_params(model: GPT) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

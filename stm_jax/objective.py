@@ -14,16 +14,16 @@ Choices (configurable through the ``objective`` sub-config):
     (default) draws each sequence's subset independently; "shared" draws one subset for the
     whole batch (what the reproduction study used). Both share it across layers and cost the
     same; per sequence, B independent draws average out the barrier's strong dependence on
-    position, so the estimate's spread is several times smaller (README).
-  * ``barrier_step_fraction`` < 1 evaluates the barrier on a random fraction q of training
+    position, so the estimate varies less (benchmarks/ measures the spread of both).
+  * ``barrier_step_fraction`` q < 1 evaluates the barrier on a random fraction q of training
     steps only, weighted by 1/q ("lazy" regularisation, as StyleGAN2 does for R1): unbiased
-    for the barrier's gradient, at q times its cost. The training loop draws the steps
-    (``steps.barrier_schedule``) and runs one of two compiled steps, so the other steps cost
-    exactly a CE-only step; they log the barrier as NaN with ``barrier_evaluated`` 0.
+    for the barrier's gradient, at q times its cost. Each step carries its barrier weight
+    (``steps.barrier_weights``: 1/q or 0), and a step of weight 0 is compiled without the
+    Jacobian work, so it costs exactly a CE-only step.
   * ``barrier_floor`` (beyond the paper; off at -inf): each determinant's barrier is
     max(b, floor). With 0 it stops at det = 1, so it penalises contraction without rewarding
     expansion: -log det J_t is unbounded below, and the reproduction study found training
-    drives it to about -60 (det of e^60) without moving the margins.
+    drives its determinants far above 1 without moving the margins (results/).
   * ``chunk_size`` > 0 computes the log-dets in chunks of positions under ``jax.checkpoint``:
     the same numbers in bounded memory.
   * The prior's noise scales sigma_l are learned (log-parameterised, in the model) with a
@@ -37,61 +37,41 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from stm_jax.core import barrier
-from stm_jax.model import at_least_float32
+from stm_jax.errors import UserError
+from stm_jax.model import Record, at_least_float32
 
 SAMPLINGS = ("per_sequence", "shared")  # objective.barrier_sampling
-
-VARIANTS = {
-    "ce": {"lambda_m": 0.0, "lambda_s": 0.0},
-    "margin": {"lambda_m": 0.02, "lambda_s": 0.0},
-    "map": {"lambda_m": 0.02, "lambda_s": 0.01},
-}
+SCOPES = ("head", "layer")  # objective.scope
+LAYER_SETS = ("embedding", "all")  # objective.layers
 
 
-def objective_config(variant: str = "ce", **overrides) -> ml_collections.ConfigDict:
-    """Default objective settings for a named variant: "ce", "margin" or "map"."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown objective variant {variant!r}; expected one of {list(VARIANTS)}")
-    cfg = ml_collections.ConfigDict({
-        "variant": variant,
-        "layers": "all",
-        "scope": "head",
-        "barrier_eps": barrier.DEFAULT_EPS,
-        "barrier_floor": -math.inf,
-        "hyperprior_scale": 1.0,
-        "barrier_fraction": 1.0,
-        "barrier_sampling": "per_sequence",
-        "barrier_step_fraction": 1.0,
-        "chunk_size": 0,
-        **VARIANTS[variant],
-    })
-    cfg.update(overrides)
-    return cfg
-
-
-def validate(cfg) -> None:
-    """Raise ValueError with one clear line for an objective config that makes no sense."""
+def validate_config(cfg) -> None:
+    """Raise :class:`UserError` with one clear line for an objective config that makes no
+    sense (the defaults are in configs/common.py)."""
     for name in ("lambda_m", "lambda_s"):
         if cfg[name] < 0:
-            raise ValueError(f"objective.{name}={cfg[name]} is negative; it must be >= 0")
-    if cfg.layers not in ("embedding", "all"):
-        raise ValueError(f"objective.layers={cfg.layers!r}; expected 'embedding' or 'all'")
-    if cfg.scope not in ("head", "layer"):
-        raise ValueError(f"objective.scope={cfg.scope!r}; expected 'head' or 'layer'")
+            raise UserError(f"objective.{name}={cfg[name]} is negative; it must be >= 0")
+    if cfg.layers not in LAYER_SETS:
+        raise UserError(f"objective.layers={cfg.layers!r}; expected one of {list(LAYER_SETS)}")
+    if cfg.scope not in SCOPES:
+        raise UserError(f"objective.scope={cfg.scope!r}; expected one of {list(SCOPES)}")
     if not cfg.barrier_eps > 0:
-        raise ValueError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
-    if not 0 < cfg.get("barrier_fraction", 1.0) <= 1:
-        raise ValueError(f"objective.barrier_fraction={cfg.barrier_fraction} must be in (0, 1]")
-    if cfg.get("barrier_sampling", "per_sequence") not in SAMPLINGS:
-        raise ValueError(f"objective.barrier_sampling={cfg.barrier_sampling!r}; expected one of "
-                         f"{list(SAMPLINGS)}")
-    if not 0 < cfg.get("barrier_step_fraction", 1.0) <= 1:
-        raise ValueError(f"objective.barrier_step_fraction={cfg.barrier_step_fraction} must be "
-                         "in (0, 1]")
+        raise UserError(f"objective.barrier_eps={cfg.barrier_eps} must be positive")
+    if not 0 < cfg.barrier_fraction <= 1:
+        raise UserError(f"objective.barrier_fraction={cfg.barrier_fraction} must be in (0, 1]")
+    if cfg.barrier_sampling not in SAMPLINGS:
+        raise UserError(f"objective.barrier_sampling={cfg.barrier_sampling!r}; expected one of "
+                        f"{list(SAMPLINGS)}")
+    if not 0 < cfg.barrier_step_fraction <= 1:
+        raise UserError(f"objective.barrier_step_fraction={cfg.barrier_step_fraction} must be "
+                        "in (0, 1]")
+    if cfg.chunk_size < 0:
+        raise UserError(f"objective.chunk_size={cfg.chunk_size} must be >= 0 (0: no chunks)")
+    if not cfg.hyperprior_scale > 0:
+        raise UserError(f"objective.hyperprior_scale={cfg.hyperprior_scale} must be positive")
 
 
 def barrier_positions(batch: int, num_tokens: int, fraction: float, key: jax.Array | None,
@@ -130,7 +110,7 @@ def barrier_term(stats: dict, cfg) -> tuple[jax.Array, dict]:
     sign, logabsdet = ((stats["head_sign"], stats["head_logdet"]) if head  # (L, B, H, T)
                        else (stats["sign"], stats["logdet"]))  # (L, B, T)
     per_det = jnp.maximum(barrier.smooth_log_barrier(sign, logabsdet, cfg.barrier_eps),
-                          cfg.get("barrier_floor", -math.inf))
+                          cfg.barrier_floor)
     per_token = jnp.sum(per_det, axis=2) if head else per_det
     diagnostics = {
         "infeasible_tokens": barrier.infeasible_count(sign),
@@ -163,36 +143,31 @@ def prior_term(
 
 
 def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
-                  barrier_selected: bool | None = None,
+                  barrier_weight: float = 1.0,
                   batch_tokens: int | None = None) -> tuple[jax.Array, dict]:
     """The MAP loss of ``model`` on a batch ``inputs, targets: (B, T)``: (loss, aux).
 
+    ``barrier_weight`` multiplies lambda_m (a Python float, fixed per compiled step): 1 on
+    every step by default; the lazy barrier's steps carry 1/q or 0 (``steps.barrier_weights``),
+    and a step with weight 0 is compiled without the Jacobian work and reports no barrier.
+
     ``batch_tokens``: the token count of the training batch this one is a microbatch of
     (see ``accumulation.py``); by default this batch's.
-
-    ``barrier_selected`` (a Python bool, so the skipped step compiles without the Jacobian
-    work) marks a step of the lazy barrier: True weighs the barrier by 1 /
-    ``barrier_step_fraction``, False leaves it out. None (default) evaluates it, weight 1.
     """
-    skipped = barrier_selected is False
-    scope = cfg.scope if cfg.lambda_m > 0 and not skipped else "none"
+    with_barrier = cfg.lambda_m > 0 and barrier_weight > 0
     position_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-    positions = barrier_positions(*inputs.shape, cfg.get("barrier_fraction", 1.0), position_key,
-                                  cfg.get("barrier_sampling", "per_sequence"))
-    logits, stats = model(inputs, dropout_key=dropout_key, scope=scope, layers=cfg.layers,
-                          residuals=cfg.lambda_s > 0, positions=positions,
-                          chunk_size=cfg.get("chunk_size", 0))
+    positions = barrier_positions(*inputs.shape, cfg.barrier_fraction, position_key,
+                                  cfg.barrier_sampling)
+    record = Record(scope=cfg.scope if with_barrier else "none", layers=cfg.layers,
+                    residuals=cfg.lambda_s > 0, positions=positions, chunk_size=cfg.chunk_size)
+    logits, stats = model(inputs, dropout_key=dropout_key, record=record)
     ce = cross_entropy(logits, targets)
     loss, aux = ce, {"ce": ce, "bpc": ce / math.log(2)}
-    if cfg.lambda_m > 0 and skipped:
-        aux.update(barrier=jnp.float32(jnp.nan), barrier_evaluated=jnp.float32(0))
-    elif cfg.lambda_m > 0:
+    if cfg.lambda_m > 0:
+        aux["barrier_weight"] = jnp.float32(barrier_weight)
+    if with_barrier:
         barrier_value, diagnostics = barrier_term(stats, cfg)
-        weight = cfg.lambda_m
-        if barrier_selected:  # 1/q on the steps that evaluate it: unbiased
-            weight /= cfg.get("barrier_step_fraction", 1.0)
-            aux["barrier_evaluated"] = jnp.float32(1)
-        loss = loss + weight * barrier_value
+        loss = loss + cfg.lambda_m * barrier_weight * barrier_value
         aux.update(barrier=barrier_value, **diagnostics)
     if cfg.lambda_s > 0:
         prior_value, diagnostics = prior_term(

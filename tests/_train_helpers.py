@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import queue
 import re
@@ -19,10 +18,10 @@ import threading
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
 from stm_jax.trainer import checkpointing, steps
+from stm_jax.trainer.workdir import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -177,7 +176,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def restored_state(workdir: Path, step: int | None = None) -> dict:
     """The full train state (params, optimizer state, counters) of a checkpoint, as numpy."""
     workdir = Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = read_config(workdir)
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
     _, state = steps.init_state(config, tx)
     with checkpointing.Checkpointer(workdir / "checkpoints") as ckpt:

@@ -28,3 +28,21 @@ def random_layer(seed: int, d: int, heads: int, head_dim: int, tokens: int, scal
     params = {name: normal((d, heads, head_dim), d) for name in ("wq", "wk", "wv")}
     params["wo"] = normal((heads, head_dim, d), heads * head_dim)
     return params, normal((tokens, d), 1.0)
+
+
+def objective_cfg(variant: str = "ce", **overrides):
+    """The objective section of the configs (configs/common.py), with ``overrides``."""
+    from configs import common
+
+    cfg = common.objective_config(variant)
+    cfg.update(overrides)
+    return cfg
+
+
+def data_cfg(**overrides):
+    """The data section of the configs (configs/common.py), with ``overrides``."""
+    from configs import common
+
+    cfg = common.base_config().data
+    cfg.update(overrides)
+    return cfg

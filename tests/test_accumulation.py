@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import objective_cfg
 from flax import nnx
 
 from stm_jax import objective
@@ -32,7 +33,7 @@ def test_microbatches_give_the_whole_batch_loss_gradient_and_metrics(x64, microb
             block[name] = 40 * block[name]
     params["log_noise_scale"] = params["log_noise_scale"] + 0.3  # a non-zero hyperprior
     inputs, targets = tokens(4, batch=4, length=7), tokens(5, batch=4, length=7)
-    cfg = objective.objective_config("map", lambda_m=0.5, lambda_s=0.1)
+    cfg = objective_cfg("map", lambda_m=0.5, lambda_s=0.1)
 
     def loss_fn(params, inputs, targets, key):
         return objective.map_objective(nnx.merge(graphdef, params), inputs, targets, cfg,

@@ -5,15 +5,16 @@ import time
 import pytest
 
 from configs import tiny
-from stm_jax.bench import benchmark
+from stm_jax.bench import benchmark, report
+from stm_jax.trainer import flops
 
 
 def test_floor_counts_scale_with_the_shapes():
     config = tiny.get_config()
-    head = benchmark.barrier_forward_flops(config.model, 8, "head")
-    assert benchmark.barrier_forward_flops(config.model, 16, "head") == pytest.approx(2 * head)
-    assert benchmark.barrier_forward_flops(config.model, 8, "head", fraction=0.25) < head / 2
-    assert benchmark.barrier_forward_flops(config.model, 8, "layer") > head
+    head = flops.barrier_forward_flops(config.model, 8, "head")
+    assert flops.barrier_forward_flops(config.model, 16, "head") == pytest.approx(2 * head)
+    assert flops.barrier_forward_flops(config.model, 8, "head", fraction=0.25) < head / 2
+    assert flops.barrier_forward_flops(config.model, 8, "layer") > head
 
 
 class SleepingPeer:
@@ -55,19 +56,20 @@ def test_benchmark_rows_and_targets():
     # Two rounds (one warm-up), each timing the second of two peer steps.
     assert SleepingPeer.calls == 4 and rows[-1]["step_ms"] >= 2
     assert rows[-1]["peak_memory_mb"] is None
-    table, targets = benchmark.targets_table(rows, peer_tokens_per_s=19000)
+    targets = report.targets_table(rows, peer_tokens_per_s=19000)
+    table = report.targets_markdown(targets)
     assert [t["target"] for t in targets] == [
         "tiny: estimator on 1/32 of positions and 1/2 of steps, mean step time / CE",
         "tiny: CE-only tokens/s vs nanoGPT (a sleeping stand-in), same run"]
     # The lazy mode is timed over one barrier step and one CE-only step; its floor is half the
     # estimator's (its positions, on every other step).
     lazy = rows[1]
-    estimator_flops = benchmark.barrier_forward_flops(
+    estimator_flops = flops.barrier_forward_flops(
         config.model, 2, "head", benchmark.MODES["head_lazy"]["barrier_fraction"])
     assert lazy["step_fraction"] == 0.5 and lazy["barrier_step_ms"] > 0
     assert lazy["floor_ms"] == pytest.approx(1e3 * 3 * estimator_flops / 1e11 / 2)
     assert table.count("\n") == len(targets) + 1
-    assert "| tiny | head_lazy | 2 |" in benchmark.format_table(rows)
+    assert "| tiny | head_lazy | 2 |" in report.format_table(rows)
 
 
 def test_targets_compare_each_measurement_with_its_goal():
@@ -82,7 +84,7 @@ def test_targets_compare_each_measurement_with_its_goal():
         {"config": "c", "mode": benchmark.PEER_MODE, "tokens_per_s": 1001.0,
          "description": "peer"},
     ]
-    _, targets = benchmark.targets_table(rows, peer_tokens_per_s=19000)
+    targets = report.targets_table(rows, peer_tokens_per_s=19000)
     assert {t["target"]: t["met"] for t in targets} == {
         "c: head barrier peak memory / CE": False,
         "c: head barrier overhead / arithmetic floor": True,
@@ -92,11 +94,10 @@ def test_targets_compare_each_measurement_with_its_goal():
         "c: estimator on 1/4 of positions and 1/8 of steps, mean step time / CE": False,
         "c: CE-only tokens/s vs nanoGPT (peer), same run": False,
     }
-    assert [benchmark._fraction_text(f) for f in (1 / 32, 0.3, 1.0)] == ["1/32", "0.3", "all"]
+    assert [report._fraction_text(f) for f in (1 / 32, 0.3, 1.0)] == ["1/32", "0.3", "all"]
     # Without a peer in the run, shakespeare_char:cpu's CE-only is held to the quoted rate.
     quoted = [{"config": "shakespeare_char:cpu", "mode": "ce", "tokens_per_s": 19500.0}]
-    assert [t["met"] for t in benchmark.targets_table(quoted, peer_tokens_per_s=19000)[1]] == [
-        True]
+    assert [t["met"] for t in report.targets_table(quoted, peer_tokens_per_s=19000)] == [True]
 
 
 def test_nanogpt_peer_step_trains():
@@ -126,7 +127,8 @@ def test_estimator_spread_on_a_fraction_of_steps_is_wider():
     config = tiny.get_config()
     config.model.vocab_size = 20
     config.batch_size = 2
-    spread = benchmark.estimator_spread(config, 0.25, draws=4, step_fraction=0.25)
+    [spread] = benchmark.estimator_spreads(config, 0.25, draws=4, step_fraction=0.25,
+                                           samplings=("per_sequence",))
     assert spread["relative_std"] > 0
     # E[X^2]/q - E[X]^2 exceeds Var X for q < 1.
     assert spread["lazy_relative_std"] > spread["relative_std"]
@@ -144,7 +146,7 @@ def test_determinant_share_times_one_step_of_blocks():
 
 
 def test_lazy_pattern_is_one_barrier_step_in_n():
-    programs = {True: "barrier step", False: "CE-only step"}
-    assert benchmark._step_pattern(programs, 0.25) == [True, False, False, False]
-    assert benchmark._step_pattern(programs, 0.3) == [True, False, False]  # 1/q rounded
-    assert benchmark._step_pattern({None: "step"}, 1.0) == [None]
+    programs = {4.0: "barrier step", 0.0: "CE-only step"}
+    assert benchmark._step_pattern(programs, 0.25) == [4.0, 0.0, 0.0, 0.0]
+    assert benchmark._step_pattern(programs, 0.3) == [4.0, 0.0, 0.0]  # 1/q rounded
+    assert benchmark._step_pattern({1.0: "step"}, 1.0) == [1.0]

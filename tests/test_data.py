@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
+from conftest import data_cfg
 
 from stm_jax import data
+from stm_jax.errors import UserError
 
 # Every train character also occurs in the last 10%, except the ones a test adds on purpose.
 SAMPLE = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind\n" * 40
 
 
-def text_config(path, **overrides) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict({"name": "tiny_shakespeare", "text_file": str(path)})
-    config.update(overrides)
-    return config
+def text_config(path, **overrides):
+    return data_cfg(text_file=str(path), **overrides)
 
 
 def write(path, text: str):
@@ -84,7 +83,7 @@ def test_vocab_save_load_round_trip_leaves_no_temp_files(tmp_path):
 
 def test_vocab_load_rejects_malformed_file(tmp_path):
     path = write(tmp_path / "vocab.json", json.dumps({"chars": ["b", "a"]}))
-    with pytest.raises(ValueError, match="not a valid vocabulary file"):
+    with pytest.raises(UserError, match="not a valid vocabulary file"):
         data.Vocab.load(path)
 
 
@@ -106,12 +105,11 @@ def test_text_file_splits_90_10_and_vocab_from_train(tmp_path):
     assert info["num_chars"] == {"train": n_train, "validation": len(text) - n_train}
 
 
-def test_val_fraction_and_missing_optional_keys(tmp_path):
+def test_val_fraction(tmp_path):
     path = write(tmp_path / "corpus.txt", SAMPLE)
-    config = ml_collections.ConfigDict({"text_file": str(path), "val_fraction": 0.25})
-    splits, _, _ = data.load_dataset(config)  # no name, no workdir
+    splits, _, _ = data.load_dataset(text_config(path, val_fraction=0.25))  # no workdir
     assert len(splits["train"]) == int(len(SAMPLE) * 0.75)
-    splits, _, _ = data.load_dataset({"text_file": str(path)})  # a plain dict works too
+    splits, _, _ = data.load_dataset(text_config(path))  # the configs' default, 0.1
     assert len(splits["train"]) == int(len(SAMPLE) * 0.9)
 
 
@@ -134,7 +132,7 @@ def test_train_chars_outside_stored_vocab_is_an_error(tmp_path):
     data.Vocab.from_text("abc").save(workdir / "vocab.json")
     before = snapshot(workdir)
     path = write(tmp_path / "corpus.txt", SAMPLE)
-    with pytest.raises(ValueError, match="train split has characters not in .*vocab.json"):
+    with pytest.raises(UserError, match="train split has characters not in .*vocab.json"):
         data.load_dataset(text_config(path), workdir=workdir)
     assert snapshot(workdir) == before
 
@@ -143,7 +141,7 @@ def test_validation_char_absent_from_train_is_an_error(tmp_path):
     text = SAMPLE + "Zé"  # only in the last 10%
     path = write(tmp_path / "corpus.txt", text)
     workdir = tmp_path / "run"
-    with pytest.raises(ValueError, match="validation split .* 'Z', 'é'"):
+    with pytest.raises(UserError, match="validation split .* 'Z', 'é'"):
         data.load_dataset(text_config(path), workdir=workdir)
     assert snapshot(workdir) is None
 
@@ -151,10 +149,10 @@ def test_validation_char_absent_from_train_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     "content, error, match",
     [
-        (None, FileNotFoundError, "does not exist"),
-        (b"", ValueError, "is empty"),
-        (b"good text\n" * 10 + b"\xff\xfe bad", ValueError, "not valid UTF-8: byte offset 100"),
-        (b"x", ValueError, "train split .* is empty"),
+        (None, UserError, "does not exist"),
+        (b"", UserError, "is empty"),
+        (b"good text\n" * 10 + b"\xff\xfe bad", UserError, "not valid UTF-8: byte offset 100"),
+        (b"x", UserError, "train split .* is empty"),
     ],
     ids=["missing", "empty", "non-utf8", "too-short"],
 )
@@ -175,20 +173,17 @@ def test_bad_text_file_is_a_clear_error_and_leaves_workdir_unchanged(
 
 def test_bad_config_values_are_clear_errors(tmp_path):
     path = write(tmp_path / "corpus.txt", SAMPLE)
-    with pytest.raises(ValueError, match="unknown data.name 'nope'"):
-        data.load_dataset({"name": "nope"})
-    with pytest.raises(ValueError, match="val_fraction must be in"):
+    with pytest.raises(UserError, match="unknown data.name 'nope'"):
+        data.load_dataset(data_cfg(name="nope"))
+    with pytest.raises(UserError, match="val_fraction=1.0 must be in"):
         data.load_dataset(text_config(path, val_fraction=1.0))
-    with pytest.raises(ValueError, match="split_style"):
-        data.load_dataset({"name": "tiny_shakespeare", "split_style": "random"})
+    with pytest.raises(UserError, match="split_style"):
+        data.load_dataset(data_cfg(split_style="random"))
     (tmp_path / "empty").mkdir()
     for manual_dir in ("none", "empty"):  # TFDS would treat both as "download it"
-        config = {
-            "name": "wikitext2_raw",
-            "data_dir": str(tmp_path / "tfds"),
-            "manual_dir": str(tmp_path / manual_dir),
-        }
-        with pytest.raises(FileNotFoundError, match="manual_dir .* does not exist or is empty"):
+        config = data_cfg(name="wikitext2_raw", data_dir=str(tmp_path / "tfds"),
+                          manual_dir=str(tmp_path / manual_dir))
+        with pytest.raises(UserError, match="manual_dir .* does not exist or is empty"):
             data.load_dataset(config)
 
 

@@ -20,11 +20,13 @@ import pytest
 from _train_helpers import snapshot
 
 from configs import tiny
-from stm_jax import data
+from stm_jax import data, evaluation
 from stm_jax.core import attention
+from stm_jax.errors import UserError
 from stm_jax.evaluation import evaluate, sampling
-from stm_jax.trainer import loop as train
+from stm_jax.model import Record
 from stm_jax.trainer import restore
+from stm_jax.trainer.loop import train_and_evaluate
 
 # One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
 # fixtures are built once rather than once per worker.
@@ -47,7 +49,7 @@ def workdir(tmp_path_factory):
     config = tiny.get_config()
     config.data.text_file = str(root / "corpus.txt")
     config.update(num_steps=10, progress=False, checkpoint_every=10)
-    train.train_and_evaluate(config, root / "run")
+    train_and_evaluate(config, root / "run")
     return root / "run"
 
 
@@ -72,15 +74,15 @@ def validation_batches(workdir, config):
 
 def test_writes_results_report_and_plots(workdir, evaluated):
     results, _, _ = evaluated
-    on_disk = json.loads((workdir / evaluate.RESULTS_FILE).read_text())
+    on_disk = json.loads((workdir / evaluation.RESULTS_FILE).read_text())
     assert on_disk["splits"]["validation"]["clean"] == results["splits"]["validation"]["clean"]
     assert on_disk["step"] == 10 and "test" in on_disk["skipped_splits"]
-    report = (workdir / evaluate.REPORT_FILE).read_text(encoding="utf-8")
+    report = (workdir / evaluation.REPORT_FILE).read_text(encoding="utf-8")
     for heading in ("## Bits per character", "## Robustness to embedding noise (validation)",
                     "## Margins to degeneracy", "## Support tokens in validation windows"):
         assert heading in report
     assert "| test | not evaluated: the dataset has no 'test' split" in report
-    for plot in (evaluate.BPC_PLOT, evaluate.MARGIN_PLOT):
+    for plot in (evaluation.BPC_PLOT, evaluation.MARGIN_PLOT):
         assert (workdir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(workdir.glob(".*.tmp"))
 
@@ -135,8 +137,7 @@ def test_margins_and_support_tokens_match_attention_oracle(workdir, evaluated, t
         np.testing.assert_allclose(reported[layer]["margin"], oracle, rtol=1e-4, atol=1e-5)
         assert reported[layer]["bottom_k"] == sorted(np.argsort(oracle)[:5].tolist())
         assert results["margins"]["layers"][layer]["margin_min"] <= oracle.min() + 1e-5
-        x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float32,
-                     key=None)
+        x, _ = block(x, record=Record(), dtype=jnp.float32, key=None)
     assert results["margins"]["num_windows"] == 4
     assert 0.0 <= results["margins"]["layers"][0]["infeasible_fraction"] <= 1.0
 
@@ -144,7 +145,7 @@ def test_margins_and_support_tokens_match_attention_oracle(workdir, evaluated, t
 def test_margins_npz_holds_the_reported_windows(workdir, evaluated, trained):
     results, _, _ = evaluated
     _, config, vocab, _ = trained
-    with np.load(workdir / evaluate.MARGINS_FILE) as saved:
+    with np.load(workdir / evaluation.MARGINS_FILE) as saved:
         inputs, margin, head_margin = saved["inputs"], saved["margin"], saved["head_margin"]
     num_windows = results["margins"]["num_windows"]
     assert inputs.shape == (num_windows, config.model.context)
@@ -174,19 +175,19 @@ def test_sampling_is_deterministic_cropped_and_in_vocabulary(trained):
     window = vocab.encode(long_prompt)[-model.context:]
     logits, _ = model(jnp.asarray(window)[None])
     assert greedy == vocab.chars[int(np.argmax(logits[0, -1]))]
-    with pytest.raises(ValueError, match="not in the model's vocabulary: 'Z', 'é'"):
+    with pytest.raises(UserError, match="not in the model's vocabulary: 'Z', 'é'"):
         sampling.sample(model, vocab, "to Zé", num_chars=3)
 
 
 def test_load_trained_errors_leave_the_folder_as_it_was(workdir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    with pytest.raises(UserError, match="config.json does not exist"):
         restore.load_trained(tmp_path)
     for name in ("config.json", "vocab.json"):
         shutil.copy(workdir / name, tmp_path / name)
-    with pytest.raises(FileNotFoundError, match="no checkpoint was saved yet"):
+    with pytest.raises(UserError, match="no checkpoint was saved yet"):
         restore.load_trained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "vocab.json"]
-    with pytest.raises(ValueError, match="no checkpoint of step 3"):
+    with pytest.raises(UserError, match="no checkpoint of step 3"):
         restore.load_trained(workdir, step=3)
 
 
@@ -207,7 +208,7 @@ def test_scripts_end_to_end(workdir, tmp_path):
             for name, process in running.items()}
     process, out, err = done["evaluate"]
     assert process.returncode == 0, err
-    assert "validation: bpc" in out and (copy / evaluate.REPORT_FILE).exists()
+    assert "validation: bpc" in out and (copy / evaluation.REPORT_FILE).exists()
     process, out, err = done["sample"]
     assert process.returncode == 0, err
     assert out.startswith("to be") and len(out) == len("to be") + 20 + 1  # print's newline

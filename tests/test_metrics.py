@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from stm_jax.trainer import metrics
-from stm_jax.trainer.metrics import (
-    MetricsWriter,
-    format_duration,
-    format_progress,
-    read_metrics,
-    transformer_flops_per_token,
-)
+from stm_jax.trainer import flops
+from stm_jax.trainer.metrics import MetricsWriter, format_duration, format_progress, read_metrics
 
 
 def strict_json(line: str) -> dict:
@@ -82,12 +76,12 @@ def test_tensorboard_event_file_has_the_scalars(tmp_path):
         writer.write(5, {"loss": jnp.float32(1.5), "ce": jnp.bfloat16(1.25), "note": "skipped",
                          "vector": np.ones(3)})
         writer.write(6, {"bpc": 2.0}, prefix="eval")
-        # A step that skipped the lazy barrier leaves a gap in its curve, not a NaN point.
-        writer.write(7, {"barrier": float("nan"), "barrier_evaluated": 0.0})
+        # A step that skipped the lazy barrier has no barrier: a gap in its curve.
+        writer.write(7, {"loss": 1.25, "barrier_weight": 0.0})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
-    assert scalars == {"train/loss": [(5, 1.5)], "train/ce": [(5, 1.25)], "eval/bpc": [(6, 2.0)],
-                       "train/barrier_evaluated": [(7, 0.0)]}
+    assert scalars == {"train/loss": [(5, 1.5), (7, 1.25)], "train/ce": [(5, 1.25)],
+                       "eval/bpc": [(6, 2.0)], "train/barrier_weight": [(7, 0.0)]}
 
 
 def hand_counted_flops_per_token(layers, d, heads, tokens, vocab, mlp_ratio):
@@ -112,15 +106,16 @@ def hand_counted_flops_per_token(layers, d, heads, tokens, vocab, mlp_ratio):
 def test_flops_per_token_matches_a_hand_count(tied):
     shape = dict(layers=2, d=8, heads=2, tokens=4, vocab=11, mlp_ratio=4)
     expected = hand_counted_flops_per_token(**shape)
-    got = transformer_flops_per_token(num_layers=2, d_model=8, num_heads=2, context=4,
-                                      vocab_size=11, mlp_ratio=4, tied=tied)
+    got = flops.model_flops_per_token(SimpleNamespace(
+        num_layers=2, d_model=8, num_heads=2, context=4, vocab_size=11, mlp_ratio=4,
+        tie_embeddings=tied))
     assert got == expected
     # The closed form: 6 N + 12 L T d with N = 12 L d^2 + d V.
     assert got == 6 * (12 * 2 * 8**2 + 8 * 11) + 12 * 2 * 4 * 8
 
 
 def test_measured_matmul_flops_is_positive():
-    assert 0 < metrics.measure_matmul_flops(n=128, repeats=3) < 1e16
+    assert 0 < flops.measure_matmul_flops(n=128, repeats=3) < 1e16
 
 
 @pytest.mark.parametrize("kind,value", [
@@ -128,13 +123,13 @@ def test_measured_matmul_flops_is_positive():
     ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v3", 123e12),
 ])
 def test_peak_flops_from_the_spec_table(kind, value):
-    peak, source = metrics.peak_flops(SimpleNamespace(device_kind=kind))
+    peak, source = flops.peak_flops(SimpleNamespace(device_kind=kind))
     assert peak == value and kind in source
 
 
 def test_peak_flops_measures_an_unknown_device(monkeypatch):
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda: 1.25e11)
-    assert metrics.peak_flops(SimpleNamespace(device_kind="cpu")) == (
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda: 1.25e11)
+    assert flops.peak_flops(SimpleNamespace(device_kind="cpu")) == (
         1.25e11, "measured float32 matmul on cpu")
 
 
@@ -146,10 +141,10 @@ def test_format_progress():
                     "18.2k tok/s | mfu 21.3% | eta 6m16s")
     assert format_progress(5, 10, {"ce": float("nan")}, None, None, None) == "step 5/10 | ce nan"
     assert format_progress(0, 10, {}, 950.0, None, 0.0) == "step 0/10 | 950 tok/s"
-    # A step that skipped the barrier (barrier_step_fraction < 1) leaves its NaN out.
-    skipped = {"loss": 2.0, "ce": 2.0, "barrier": float("nan"), "barrier_evaluated": 0.0}
+    # A lazy-barrier step without the barrier (weight 0) shows none; a NaN barrier shows.
+    skipped = {"loss": 2.0, "ce": 2.0, "barrier_weight": 0.0}
     assert format_progress(3, 10, skipped, None, None, None) == "step 3/10 | loss 2 ce 2"
-    evaluated = {**skipped, "barrier": float("nan"), "barrier_evaluated": 1.0}
+    evaluated = {**skipped, "barrier": float("nan"), "barrier_weight": 8.0}
     assert format_progress(3, 10, evaluated, None, None, None).endswith("barrier nan")
     # Resumed at step 100: 20 steps in 10 s, 1880 to go.
     assert format_progress(120, 2000, {}, 2.5e6, 0.5, 10.0, start_step=100).endswith(

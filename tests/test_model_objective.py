@@ -7,11 +7,14 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import objective_cfg
 from flax import nnx
 
 from stm_jax import model as model_lib
 from stm_jax import objective
 from stm_jax.core import attention, barrier
+from stm_jax.errors import UserError
+from stm_jax.model import Record
 
 
 def small_model(seed=0, **overrides):
@@ -43,7 +46,7 @@ def float64_model(seed):
 
 def test_ce_only_equals_optax_cross_entropy():
     model, inputs, targets = small_model(), tokens(0), tokens(1)
-    loss, aux = jitted_objective(objective.objective_config("ce"))(model, inputs, targets)
+    loss, aux = jitted_objective(objective_cfg("ce"))(model, inputs, targets)
     logits, _ = nnx.jit(lambda m, x: m(x))(model, inputs)
     expected = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
@@ -55,7 +58,7 @@ def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
     graphdef, state = float64_model(2)
     model = nnx.merge(graphdef, state)
     inputs, targets = tokens(2), tokens(3)
-    cfg = objective.objective_config("margin", barrier_eps=0.05)
+    cfg = objective_cfg("margin", barrier_eps=0.05)
     loss, aux = jitted_objective(cfg)(model, inputs, targets)
 
     @nnx.jit
@@ -66,8 +69,7 @@ def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
             u = block.ln_attn(x)
             head_stats.append(jax.vmap(lambda s, b=block: attention.causal_self_attention(
                 b.attention_params(), s, scope="head")[1])(u))
-            x, _ = block(x, scope="none", residuals=False, margins=False, dtype=jnp.float64,
-                         key=None)
+            x, _ = block(x, record=Record(), dtype=jnp.float64, key=None)
         return head_stats
 
     head_stats = head_stats_by_hand(model, inputs)
@@ -89,7 +91,7 @@ def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):
 def test_objective_gradients_match_finite_differences(x64, variant, scope, layers):
     graphdef, state = float64_model(1)
     inputs, targets = tokens(4, batch=2, length=5), tokens(5, batch=2, length=5)
-    cfg = objective.objective_config(variant, scope=scope, layers=layers, lambda_m=0.5,
+    cfg = objective_cfg(variant, scope=scope, layers=layers, lambda_m=0.5,
                                      lambda_s=0.3 if variant == "map" else 0.0)
     loss_fn = lambda s: objective.map_objective(  # noqa: E731
         nnx.merge(graphdef, s), inputs, targets, cfg)[0]
@@ -99,7 +101,7 @@ def test_objective_gradients_match_finite_differences(x64, variant, scope, layer
 
 def test_every_term_is_reported_and_adds_up():
     model, inputs = small_model(), tokens(0)
-    cfg = objective.objective_config("map")
+    cfg = objective_cfg("map")
     loss, aux = jitted_objective(cfg)(model, inputs, inputs)
     expected = aux["ce"] + cfg.lambda_m * aux["barrier"] + cfg.lambda_s * aux["prior"]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
@@ -109,7 +111,7 @@ def test_every_term_is_reported_and_adds_up():
 
 def test_jit_equals_eager_and_vmap_equals_loop():
     model, inputs, targets = small_model(), tokens(0), tokens(1)
-    cfg = objective.objective_config("map")
+    cfg = objective_cfg("map")
     graphdef, state = nnx.split(model)
     loss_fn = lambda s, x, y: objective.map_objective(nnx.merge(graphdef, s), x, y, cfg)  # noqa
     eager, _ = loss_fn(state, inputs, targets)
@@ -122,16 +124,16 @@ def test_jit_equals_eager_and_vmap_equals_loop():
 
 
 def test_variants_and_validation():
-    assert objective.objective_config("ce").lambda_m == 0
-    assert objective.objective_config("margin").lambda_m == 0.02
-    full = objective.objective_config("map")
+    assert objective_cfg("ce").lambda_m == 0
+    assert objective_cfg("margin").lambda_m == 0.02
+    full = objective_cfg("map")
     assert full.lambda_m > 0 and full.lambda_s > 0
-    with pytest.raises(ValueError, match="lambda_m=-0.1 is negative"):
-        objective.validate(objective.objective_config("margin", lambda_m=-0.1))
+    with pytest.raises(UserError, match="lambda_m=-0.1 is negative"):
+        objective.validate_config(objective_cfg("margin", lambda_m=-0.1))
     with pytest.raises(ValueError, match="unknown objective variant"):
-        objective.objective_config("svm")
-    with pytest.raises(ValueError, match="barrier_step_fraction=0.0 must be in"):
-        objective.validate(objective.objective_config("margin", barrier_step_fraction=0))
+        objective_cfg("svm")
+    with pytest.raises(UserError, match="barrier_step_fraction=0.0 must be in"):
+        objective.validate_config(objective_cfg("margin", barrier_step_fraction=0))
 
 
 def test_logits_are_causal_by_gradients():
@@ -144,7 +146,8 @@ def test_logits_are_causal_by_gradients():
 
 def test_projectivity_of_logits_and_layer_statistics():
     model, seq = small_model(), tokens(6, batch=2)
-    forward = nnx.jit(lambda m, s: m(s, scope="both", residuals=True, margins=True))
+    forward = nnx.jit(lambda m, s: m(s, record=Record(scope="both", residuals=True,
+                                                      margins=True)))
     logits_full, stats_full = forward(model, seq)
     for n in (1, 3, 6):
         logits, stats = forward(model, seq[:, :n])
@@ -155,9 +158,9 @@ def test_projectivity_of_logits_and_layer_statistics():
 
 def test_embedding_layer_set_and_dropout_determinism():
     model, seq = small_model(dropout=0.5), tokens(0)
-    _, stats = model(seq, scope="layer", layers="embedding", residuals=True)
+    _, stats = model(seq, record=Record(scope="layer", layers="embedding", residuals=True))
     assert stats["logdet"].shape == (1, 3, 7) and stats["residual_sq"].shape == (1, 3, 7)
-    _, stats = model(seq, scope="head", layers="all")
+    _, stats = model(seq, record=Record(scope="head", layers="all"))
     assert stats["head_logdet"].shape == (2, 3, 2, 7)
     key = jax.random.PRNGKey(3)
     first, second = model(seq, dropout_key=key)[0], model(seq, dropout_key=key)[0]
@@ -183,10 +186,11 @@ def test_barrier_estimator_is_unbiased_over_position_subsets(x64):
     graphdef, state = float64_model(3)
     model = nnx.merge(graphdef, state)
     inputs = tokens(7, batch=2, length=5)
-    cfg = objective.objective_config("margin", lambda_m=1.0)
+    cfg = objective_cfg("margin", lambda_m=1.0)
     exact = jitted_objective(cfg)(model, inputs, inputs)[1]["barrier"]
-    head_stats = nnx.jit(lambda m, x, positions: m(x, scope="head", positions=positions)[1])
-    stats = nnx.jit(lambda m, x: m(x, scope="head")[1])(model, inputs)
+    head_stats = nnx.jit(lambda m, x, positions: m(
+        x, record=Record(scope="head", positions=positions))[1])
+    stats = nnx.jit(lambda m, x: m(x, record=Record(scope="head"))[1])(model, inputs)
     per_token = barrier.smooth_log_barrier(stats["head_sign"], stats["head_logdet"],
                                            cfg.barrier_eps).sum(axis=2)  # (L, B, T)
     # The model's statistics at given positions, shared (n,) or per sequence (B, n), are the
@@ -233,29 +237,30 @@ def test_per_sequence_positions_are_independent_uniform_subsets():
     np.testing.assert_allclose(inclusion, count / length, atol=0.03)
     shared = objective.barrier_positions(batch, length, 0.25, jax.random.PRNGKey(0), "shared")
     assert shared.shape == (count,)
-    with pytest.raises(ValueError, match="barrier_sampling"):
-        objective.validate(objective.objective_config("margin", barrier_sampling="rows"))
+    with pytest.raises(UserError, match="barrier_sampling"):
+        objective.validate_config(objective_cfg("margin", barrier_sampling="rows"))
 
 
 def test_lazy_barrier_gradient_is_unbiased_over_the_step_draw(x64):
-    """q x (gradient of a step that evaluates the barrier) + (1 - q) x (one that skips it)
-    equals the exact gradient; a skipped step logs the barrier as NaN."""
+    """q x (gradient of a step of weight 1/q) + (1 - q) x (one of weight 0) equals the exact
+    gradient; a step of weight 0 reports no barrier at all (nothing to filter)."""
     graphdef, state = float64_model(5)
     inputs, targets = tokens(2, batch=2, length=6), tokens(3, batch=2, length=6)
     q = 0.25
-    cfg = objective.objective_config("map", lambda_m=0.5, lambda_s=0.1, barrier_step_fraction=q)
+    cfg = objective_cfg("map", lambda_m=0.5, lambda_s=0.1, barrier_step_fraction=q)
     key = jax.random.PRNGKey(0)
 
-    def grads(selected):
+    def grads(weight):
         loss_fn = lambda params: objective.map_objective(  # noqa: E731
             nnx.merge(graphdef, params), inputs, targets, cfg, dropout_key=key,
-            barrier_selected=selected)
+            barrier_weight=weight)
         return jax.jit(jax.grad(loss_fn, has_aux=True))(state)
 
-    (on, aux_on), (off, aux_off), (exact, aux_exact) = grads(True), grads(False), grads(None)
+    (on, aux_on), (off, aux_off), (exact, aux_exact) = grads(1 / q), grads(0.0), grads(1.0)
     np.testing.assert_allclose(aux_on["barrier"], aux_exact["barrier"], rtol=1e-12)
-    assert aux_on["barrier_evaluated"] == 1 and aux_off["barrier_evaluated"] == 0
-    assert np.isnan(aux_off["barrier"]) and "barrier_evaluated" not in aux_exact
+    assert aux_on["barrier_weight"] == 1 / q and aux_off["barrier_weight"] == 0
+    assert "barrier" not in aux_off and "infeasible_tokens" not in aux_off
+    assert aux_exact["barrier_weight"] == 1
     np.testing.assert_allclose(aux_off["loss"], aux_exact["ce"] + 0.1 * aux_exact["prior"],
                                rtol=1e-12)
     # float32 tolerance: nnx.Embed looks tokens up in float32 even in this float64 model.
@@ -263,16 +268,19 @@ def test_lazy_barrier_gradient_is_unbiased_over_the_step_draw(x64):
                                                             atol=1e-7), on, off, exact)
 
 
-def test_lazy_barrier_schedule_draws_the_fraction_and_replays():
+def test_lazy_barrier_weights_draw_the_fraction_and_replay():
     from configs import tiny
     from stm_jax.trainer import steps
 
     config = tiny.get_config("margin")
     config.objective.barrier_step_fraction = 0.25
-    schedule = steps.barrier_schedule(config, 4000)
-    assert schedule.dtype == bool and abs(schedule.mean() - 0.25) < 0.03  # 4 sigma ~ 0.027
-    np.testing.assert_array_equal(steps.barrier_schedule(config, 100), schedule[:100])
+    config.num_steps = 4000
+    weights = steps.barrier_weights(config)
+    assert set(np.unique(weights)) == {0.0, 4.0}
+    assert abs(np.mean(weights > 0) - 0.25) < 0.03  # 4 sigma ~ 0.027
+    config.num_steps = 100
+    np.testing.assert_array_equal(steps.barrier_weights(config), weights[:100])
     config.seed += 1
-    assert not np.array_equal(steps.barrier_schedule(config, 100), schedule[:100])
+    assert not np.array_equal(steps.barrier_weights(config), weights[:100])
     config.objective.barrier_step_fraction = 1.0
-    assert steps.barrier_schedule(config, 10) is None
+    np.testing.assert_array_equal(steps.barrier_weights(config), np.ones(100))

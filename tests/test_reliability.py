@@ -39,7 +39,8 @@ from _train_helpers import (
 
 from stm_jax import data
 from stm_jax.trainer import checkpointing, metrics, steps
-from stm_jax.trainer import loop as train
+from stm_jax.trainer.preemption import StopRequest
+from stm_jax.trainer.workdir import checkpoint_metadata
 
 # One xdist worker runs this module (pytest --dist loadgroup), so its module-scoped
 # fixtures are built once rather than once per worker.
@@ -134,7 +135,7 @@ def test_sigint_then_sigterm_then_finish_equals_uninterrupted_run(
 
 def test_stop_request_sets_the_flag_and_restores_default_actions():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    with train._StopRequest() as stop:
+    with StopRequest() as stop:
         assert stop.signal_name is None
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # the handler runs at the next bytecode boundary
@@ -147,8 +148,8 @@ def test_stop_request_sets_the_flag_and_restores_default_actions():
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from stm_jax.trainer.loop import _StopRequest
-with _StopRequest() as stop:
+from stm_jax.trainer.preemption import StopRequest
+with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     while stop.signal_name is None:
         time.sleep(0.01)
@@ -241,7 +242,7 @@ def write_foreign_checkpoint(directory, text, **model):
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
     _, state = steps.init_state(config, tx)
     with checkpointing.Checkpointer(directory) as ckpt:
-        ckpt.save(7, state, metadata=train.checkpoint_metadata(config, vocab), force=True)
+        ckpt.save(7, state, metadata=checkpoint_metadata(config, vocab), force=True)
 
 
 @pytest.mark.parametrize("foreign, expected", [
@@ -346,7 +347,7 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
         return tmp / name
 
     fresh = {name: tmp / name for name in ("missing", "short", "unknown_key", "batch",
-                                            "microbatches")}
+                                            "microbatches", "heads")}
     return {
         "missing_data_file": (train_args(tmp / "no_such.txt", fresh["missing"]), {},
                               fresh["missing"],
@@ -370,6 +371,11 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
                                fresh["unknown_key"],
                                r"--config\.no_such_key: the config has no key 'no_such_key'; "
                                r"check the spelling"),
+        # The whole config is checked before any data is read: with no text file the tiny
+        # config would fetch Tiny Shakespeare, and the bad key is named first.
+        "bad_model_key_before_data": (
+            train_args("", fresh["heads"], **{"model.num_heads": 5}), {}, fresh["heads"],
+            r"model\.d_model=32 is not divisible by model\.num_heads=5"),
         "negative_lambda": (train_args(text_file, trained("lambda"),
                                        **{"objective.lambda_m": -1}), {}, tmp / "lambda",
                             r"objective\.lambda_m=-1\.0 is negative; it must be >= 0"),
@@ -410,7 +416,8 @@ def bad_input_runs(tmp_path_factory, text_file, reference, env):
 
 BAD_INPUTS = ["missing_data_file", "empty_data_file", "non_utf8_text",
               "split_shorter_than_context", "validation_shorter_than_a_batch",
-              "other_text_in_trained_workdir", "unknown_config_key", "negative_lambda",
+              "other_text_in_trained_workdir", "unknown_config_key", "bad_model_key_before_data",
+              "negative_lambda",
               "batch_not_divisible_by_devices", "microbatches_do_not_split_the_batch",
               "workdir_is_a_file", "workdir_under_a_file"]
 

@@ -17,6 +17,7 @@ import jax
 import pytest
 from _train_helpers import Result, train_env, write_text
 
+from stm_jax.errors import UserError
 from stm_jax.study import claims, experiments, reproduce
 from stm_jax.study import plan as run_plan
 from stm_jax.study.summary import aggregate, evaluate_claims, headline_metrics
@@ -217,7 +218,7 @@ def test_mistakes_raise_before_anything_is_written(name, data_root, tmp_path):
     fields, message = MISTAKES[name]
     options = dict(experiment="shakespeare_full", allow_cpu=True, data_root=str(data_root),
                    output_dir=str(tmp_path / "results"), overrides=SHRINK)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(UserError, match=message):
         reproduce.reproduce(reproduce.Options(**{**options, **fields}), ROOT)
     assert not (tmp_path / "results").exists()
 
@@ -383,9 +384,21 @@ def test_wikitext_plan_uses_the_proxy_split(tmp_path):
     assert plan.train_command[1] == "--config=configs/wikitext2_char.py:cpu,map"
     assert "--config.data.wikitext_proxy=true" in plan.train_command
     assert f"--config.data.manual_dir={tmp_path}/wikitext-2-raw" in plan.train_command
-    with pytest.raises(FileNotFoundError, match="no wikitext-2-raw/wiki.valid.raw"):
+    with pytest.raises(UserError, match="no wikitext-2-raw/wiki.valid.raw"):
         (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").unlink()
         run_plan.check_data(experiment, str(tmp_path))
+
+
+def saved_config(plan, **changes) -> str:
+    """The config.json a run of ``plan`` writes, with ``changes`` (flattened keys)."""
+    nested = {}
+    for key, value in {**plan.config, **changes}.items():
+        *sections, name = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return json.dumps(nested)
 
 
 def test_a_workdir_trained_with_other_settings_is_refused(tmp_path):
@@ -394,14 +407,19 @@ def test_a_workdir_trained_with_other_settings_is_refused(tmp_path):
                                 ["num_steps=9"], data_root="d", experiment_dir=tmp_path,
                                 repo_root=ROOT)
     plan.workdir.mkdir(parents=True)
-    (plan.workdir / "config.json").write_text(json.dumps({"seed": 0, "num_steps": 9,
-                                                          "data": {"text_file": "elsewhere"}}))
-    run_plan.check_workdir_settings(plan)  # data paths may differ
-    (plan.workdir / "config.json").write_text(json.dumps({"seed": 0, "num_steps": 8}))
-    with pytest.raises(ValueError, match="was trained with num_steps=8, this command gives 9"):
+    config_file = plan.workdir / "config.json"
+    config_file.write_text(saved_config(plan, **{"data.text_file": "elsewhere", "log_every": 1}))
+    run_plan.check_workdir_settings(plan)  # data paths and bookkeeping may differ
+    config_file.write_text(saved_config(plan, num_steps=8))
+    with pytest.raises(UserError, match="was trained with num_steps=8, this command gives 9"):
         run_plan.check_workdir_settings(plan)
     # A setting the command no longer passes (back to the config's default) counts too.
-    (plan.workdir / "config.json").write_text(json.dumps(
-        {"num_steps": 9, "objective": {"chunk_size": 8}, "log_every": 1}))
-    with pytest.raises(ValueError, match="objective.chunk_size=8, this command gives 0"):
+    config_file.write_text(saved_config(plan, **{"objective.chunk_size": 8}))
+    with pytest.raises(UserError, match="objective.chunk_size=8, this command gives 0"):
         run_plan.check_workdir_settings(plan)
+    # A config.json written before barrier_sampling existed drew shared subsets: the same as
+    # this experiment's pinned "shared", so it is resumed.
+    config = json.loads(saved_config(plan))
+    del config["objective"]["barrier_sampling"]
+    config_file.write_text(json.dumps(config))
+    run_plan.check_workdir_settings(plan)

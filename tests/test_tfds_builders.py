@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import data_cfg
 
 from stm_jax import data
 from stm_jax.data.builders import common, tiny_shakespeare_char, wikitext2_raw_char
 from stm_jax.data.builders.tiny_shakespeare_char import TinyShakespeareChar
 from stm_jax.data.builders.wikitext2_raw_char import Wikitext2RawChar
+from stm_jax.errors import UserError
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 TINY = "".join(f"{i}: Thou art {'more lovely' if i % 3 else 'fair'}; é!\n" for i in range(60))
@@ -131,14 +133,14 @@ def test_non_utf8_raw_file_names_the_byte_offset(tmp_path, monkeypatch):
     raw = b"abc\xff" + path.read_bytes()
     path.write_bytes(raw)
     monkeypatch.setitem(tiny_shakespeare_char.SHA256, "input.txt", common.sha256_hex(raw))
-    with pytest.raises(ValueError, match="not valid UTF-8: byte offset 3"):
+    with pytest.raises(UserError, match="not valid UTF-8: byte offset 3"):
         prepare(TinyShakespeareChar, "nanogpt", tmp_path / "tfds", tmp_path / "manual")
 
 
 def test_missing_raw_file_in_manual_dir_is_a_clear_error(tmp_path):
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "other.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match="input.txt not found in manual_dir"):
+    with pytest.raises(UserError, match="input.txt not found in manual_dir"):
         prepare(TinyShakespeareChar, "nanogpt", tmp_path / "tfds", tmp_path / "manual")
 
 
@@ -162,7 +164,7 @@ def test_wikitext_full_and_proxy_splits(tmp_path, monkeypatch):
 
 def test_wikitext_missing_train_file_points_to_proxy(tmp_path, monkeypatch):
     write_wiki(tmp_path / "manual", monkeypatch, names=("wiki.valid.raw", "wiki.test.raw"))
-    with pytest.raises(FileNotFoundError, match="wiki.train.raw not found.*'proxy' config"):
+    with pytest.raises(UserError, match="wiki.train.raw not found.*'proxy' config"):
         prepare(Wikitext2RawChar, "full", tmp_path / "tfds", tmp_path / "manual")
 
 
@@ -172,12 +174,8 @@ def test_wikitext_missing_train_file_points_to_proxy(tmp_path, monkeypatch):
 def test_load_dataset_tiny_shakespeare_vocab_from_train(tmp_path, monkeypatch):
     text = "XY" + TINY  # 'X' and 'Y' occur only in train
     write_tiny(tmp_path / "manual", monkeypatch, text)
-    config = {
-        "name": "tiny_shakespeare",
-        "split_style": "tfds",
-        "data_dir": str(tmp_path / "tfds"),
-        "manual_dir": str(tmp_path / "manual"),
-    }
+    config = data_cfg(name="tiny_shakespeare", split_style="tfds",
+                      data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
     splits, vocab, info = data.load_dataset(config, workdir=tmp_path / "run")
     cut = int(len(text) * 0.9)
     assert vocab.chars == tuple(sorted(set(text[:cut]))) and not vocab.unknown
@@ -190,12 +188,8 @@ def test_load_dataset_tiny_shakespeare_vocab_from_train(tmp_path, monkeypatch):
 
 def test_load_dataset_wikitext_proxy_has_unknown_symbol(tmp_path, monkeypatch):
     write_wiki(tmp_path / "manual", monkeypatch, names=("wiki.valid.raw", "wiki.test.raw"))
-    config = {
-        "name": "wikitext2_raw",
-        "wikitext_proxy": True,
-        "data_dir": str(tmp_path / "tfds"),
-        "manual_dir": str(tmp_path / "manual"),
-    }
+    config = data_cfg(name="wikitext2_raw", wikitext_proxy=True,
+                      data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
     splits, vocab, info = data.load_dataset(config, workdir=tmp_path / "run")
     assert vocab.unknown and vocab.chars == tuple(sorted(set(WIKI["wiki.test.raw"])))
     assert set(splits) == {"train", "validation"}
@@ -211,12 +205,9 @@ def test_load_dataset_wikitext_proxy_has_unknown_symbol(tmp_path, monkeypatch):
 
 def test_load_dataset_wikitext_without_train_file_names_the_flag(tmp_path, monkeypatch):
     write_wiki(tmp_path / "manual", monkeypatch, names=("wiki.valid.raw", "wiki.test.raw"))
-    config = {
-        "name": "wikitext2_raw",
-        "data_dir": str(tmp_path / "tfds"),
-        "manual_dir": str(tmp_path / "manual"),
-    }
-    with pytest.raises(FileNotFoundError, match="data.wikitext_proxy=True"):
+    config = data_cfg(name="wikitext2_raw", data_dir=str(tmp_path / "tfds"),
+                      manual_dir=str(tmp_path / "manual"))
+    with pytest.raises(UserError, match="data.wikitext_proxy=True"):
         data.load_dataset(config, workdir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -283,13 +274,8 @@ def test_real_tiny_shakespeare_split_sizes(tmp_path):
         "test": 55_770,
     }
     assert len(set(texts["train"])) == 65
-    splits, vocab, _ = data.load_dataset(
-        {
-            "name": "tiny_shakespeare",
-            "split_style": "nanogpt",
-            "data_dir": str(tmp_path / "tfds"),
-            "manual_dir": str(SHARED_DATA),
-        }
-    )
+    splits, vocab, _ = data.load_dataset(data_cfg(
+        name="tiny_shakespeare", split_style="nanogpt", data_dir=str(tmp_path / "tfds"),
+        manual_dir=str(SHARED_DATA)))
     assert vocab.size == 65
     assert {k: len(v) for k, v in splits.items()} == {"train": 1_003_854, "validation": 111_540}

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import tiny
+from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, metrics, steps
 from stm_jax.trainer import loop as train
+from stm_jax.trainer.workdir import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def tiny_config(text_file, variant="margin", **overrides):
 
 def restored_params(workdir):
     """The parameters of a workdir's latest checkpoint as numpy arrays."""
-    config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    config = read_config(workdir)
     _, state = steps.init_state(config, steps.make_optimizer(config.optimizer, config.num_steps))
     with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
         restored, _ = ckpt.restore(ckpt.latest_step(), state)
@@ -65,7 +66,7 @@ def test_train_writes_metrics_checkpoints_and_learns(text_file, tmp_path):
 
 
 def test_negative_peak_flops_is_refused(text_file):
-    with pytest.raises(ValueError, match="peak_flops=-1.0 must be >= 0"):
+    with pytest.raises(UserError, match="peak_flops=-1.0 must be >= 0"):
         train.validate_config(tiny_config(text_file, peak_flops=-1.0))
 
 
@@ -87,17 +88,18 @@ def test_resume_equals_uninterrupted_run_bitwise(text_file, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_lazy_barrier_runs_its_drawn_schedule(text_file, tmp_path):
-    """Each step runs the program its draw names (the draw is a function of seed and step, so
-    a resumed run follows the same schedule: see test_model_objective)."""
+def test_lazy_barrier_runs_its_drawn_weights(text_file, tmp_path):
+    """Each step runs the program of its drawn barrier weight (a function of seed and step, so
+    a resumed run draws the same: see test_model_objective); weight-0 steps have no barrier."""
     config = tiny_config(text_file, num_steps=8, checkpoint_every=8, log_every=1)
     config.objective.barrier_step_fraction = 0.5
     train.train_and_evaluate(config, tmp_path)
-    schedule = steps.barrier_schedule(config, 8)
+    weights = steps.barrier_weights(config)
     records = metrics.read_metrics(tmp_path, split="train")
-    assert [bool(r["barrier_evaluated"]) for r in records] == list(schedule)
-    assert 0 < schedule.sum() < 8  # both kinds of step ran
-    assert all(np.isfinite(r["barrier"]) == bool(r["barrier_evaluated"]) for r in records)
+    assert [r["barrier_weight"] for r in records] == weights.tolist()
+    assert set(weights.tolist()) == {0.0, 2.0}  # both kinds of step ran
+    assert all(("barrier" in r) == (r["barrier_weight"] > 0) for r in records)
+    assert all(np.isfinite(r["barrier"]) for r in records if "barrier" in r)
 
 
 MULTI_DEVICE_SCRIPT = """

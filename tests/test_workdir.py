@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stm_jax.trainer.workdir import LOCK_NAME, WorkdirError, WorkdirLock, prepare_workdir
+from stm_jax.errors import UserError
+from stm_jax.trainer.workdir import LOCK_NAME, WorkdirError, WorkdirLock, create
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,48 +23,46 @@ time.sleep(120)
 """
 
 
-def test_prepare_creates_missing_dirs_and_leaves_nothing_behind(tmp_path):
-    workdir = prepare_workdir(tmp_path / "runs" / "a")
+def test_create_creates_missing_dirs_and_leaves_nothing_behind(tmp_path):
+    workdir = create(tmp_path / "runs" / "a")
     assert workdir == (tmp_path / "runs" / "a").resolve() and workdir.is_dir()
     assert list(workdir.iterdir()) == []
-    assert prepare_workdir(workdir) == workdir  # an existing directory is fine
+    assert create(workdir) == workdir  # an existing directory is fine
 
 
-def test_prepare_rejects_a_file(tmp_path):
+def test_create_rejects_a_file(tmp_path):
     path = tmp_path / "workdir"
     path.write_text("not a directory")
     with pytest.raises(WorkdirError, match="exists but is not a directory"):
-        prepare_workdir(path)
-    with pytest.raises(ValueError, match="cannot create workdir"):  # WorkdirError is a ValueError
-        prepare_workdir(path / "sub")
+        create(path)
+    with pytest.raises(UserError, match="cannot create workdir"):  # WorkdirError is one
+        create(path / "sub")
 
 
-def test_prepare_rejects_unwritable_dir(tmp_path, monkeypatch):
+def test_create_rejects_unwritable_dir(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(WorkdirError, match="is not writable: Permission denied"):
-        prepare_workdir(tmp_path)
+        create(tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
-def test_prepare_rejects_read_only_dir_for_real(tmp_path):
+def test_create_rejects_read_only_dir_for_real(tmp_path):
     tmp_path.chmod(0o500)
     try:
         with pytest.raises(WorkdirError, match="not writable"):
-            prepare_workdir(tmp_path)
+            create(tmp_path)
     finally:
         tmp_path.chmod(0o700)
 
 
 def test_lock_is_exclusive_within_a_process_and_released_on_exit(tmp_path):
-    with WorkdirLock(tmp_path) as lock:
-        assert lock.held
+    with WorkdirLock(tmp_path):
         assert (tmp_path / LOCK_NAME).read_text().split()[0] == str(os.getpid())
         with pytest.raises(WorkdirError, match=f"pid {os.getpid()}"):
             WorkdirLock(tmp_path).acquire()
-    assert not lock.held
     assert (tmp_path / LOCK_NAME).read_text() == ""
     with WorkdirLock(tmp_path):
         pass
@@ -85,5 +84,5 @@ def test_lock_refused_while_another_process_holds_it_and_freed_by_sigkill(tmp_pa
         holder.wait(timeout=30)
         holder.stdout.close()
     assert holder.returncode == -9
-    with WorkdirLock(tmp_path) as lock:  # the kernel dropped the dead holder's lock
-        assert lock.held
+    with WorkdirLock(tmp_path):  # the kernel dropped the dead holder's lock
+        assert (tmp_path / LOCK_NAME).read_text().split()[0] == str(os.getpid())

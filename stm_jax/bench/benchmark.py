@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stm_jax.trainer import metrics, steps
+from stm_jax.trainer import flops, steps
 
 # name -> objective overrides (and "microbatches", which overrides the config's own);
 # "ce" is the baseline every ratio refers to.
@@ -53,25 +53,6 @@ def with_estimator_fraction(modes: dict, fraction: float) -> dict:
             else overrides for name, overrides in modes.items()}
 
 
-def barrier_forward_flops(model_cfg, batch: int, scope: str, fraction: float = 1.0) -> float:
-    """FLOPs of the barrier's forward pass over all layers, counted from the shapes.
-
-    Per layer, sequence and head: the key projection through P_Q (2 T p^2), the outer products
-    (T p^2) and their attention-weighted sum (2 n T p^2, the dominant matmul), the rank-one
-    terms (4 n p^2), and an LU determinant (2/3 p^3 per token); n = positions evaluated. The
-    "layer" scope forms (Hp x Hp) blocks: H times the matmul work, and (2/3)(Hp)^3 per token.
-    """
-    heads, context = model_cfg.num_heads, model_cfg.context
-    head_dim = model_cfg.d_model // heads
-    rows = max(1, round(fraction * context))
-    width = head_dim * (heads if scope == "layer" else 1)  # columns of each block row
-    per_head = (2 * context * head_dim * width + context * head_dim * width
-                + 2 * rows * context * head_dim * width + 4 * rows * head_dim * width)
-    det_size = head_dim * heads if scope == "layer" else head_dim
-    dets = (2 / 3) * det_size**3 * rows * (1 if scope == "layer" else heads)
-    return float(model_cfg.num_layers * batch * (heads * per_head + dets))
-
-
 def _mode_config(base, overrides: dict):
     config = ml_collections.ConfigDict(base.to_dict())
     overrides = dict(overrides)
@@ -84,9 +65,7 @@ def _compile(config, inputs):
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
     graphdef, state = steps.init_state(config, tx)
     start = time.perf_counter()
-    programs = {drawn: jax.jit(steps.make_train_step(
-        graphdef, config, tx, barrier_selected=drawn)).lower(state, inputs, inputs).compile()
-        for drawn in steps.barrier_draws(config)}
+    programs = steps.compile_train_steps(graphdef, config, tx, state, inputs, inputs)
     compile_s = time.perf_counter() - start
     peaks = []
     for program in programs.values():
@@ -122,13 +101,13 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _step_pattern(programs: dict, step_fraction: float) -> list:
-    """The order in which a mode's programs run in one timed pass. The lazy barrier runs a
-    barrier step, then 1/q - 1 CE-only ones: its mean step as in training, including what a
-    program switch costs (the first CE-only step after a barrier step took 71 ms, not 42)."""
-    if None in programs:
-        return [None]
-    return [True] + [False] * (max(1, round(1 / step_fraction)) - 1)
+def _step_pattern(programs: dict, step_fraction: float) -> list[float]:
+    """The barrier weights of a mode's steps in one timed pass, in order. The lazy barrier
+    runs a barrier step, then 1/q - 1 CE-only ones: its mean step as in training, including
+    what a switch between the two programs costs."""
+    if len(programs) == 1:
+        return list(programs)
+    return [max(programs)] + [0.0] * (max(1, round(1 / step_fraction)) - 1)
 
 
 def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate: float,
@@ -149,22 +128,20 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                                        modes[mode].get("barrier_step_fraction", 1.0))
         log(f"{name}/{mode}: compiled in {compiled[mode][2]:.1f}s")
     times = {mode: [] for mode in compiled}
-    barrier_times = {mode: [] for mode, pattern in patterns.items() if pattern[0] is True}
+    barrier_times = {mode: [] for mode, pattern in patterns.items() if len(pattern) > 1}
     peer_step = peer.make_step(config, inputs, inputs) if peer is not None else None
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for mode, (programs, state, _, _) in compiled.items():
             step_times = _timed_second_pass([
-                lambda step=programs[drawn], state=state: jax.block_until_ready(
-                    step(state, inputs, inputs)) for drawn in patterns[mode]])
+                lambda step=programs[weight], state=state: jax.block_until_ready(
+                    step(state, inputs, inputs)) for weight in patterns[mode]])
             times[mode].append(statistics.mean(step_times))
             if mode in barrier_times:
                 barrier_times[mode].append(step_times[0])
         if peer_step is not None:
             times.setdefault(PEER_MODE, []).append(_timed_second_pass([peer_step])[0])
     tokens = config.batch_size * config.model.context
-    model_flops = metrics.transformer_flops_per_token(
-        config.model.num_layers, config.model.d_model, config.model.num_heads,
-        config.model.context, config.model.vocab_size, config.model.mlp_ratio)
+    model_flops = flops.model_flops_per_token(config.model)
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
     ce_time, ce_memory = median["ce"], compiled["ce"][3]
 
@@ -188,7 +165,7 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                        step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
             position_fraction = overrides.get("barrier_fraction", 1.0)
-            floor_s = 3 * step_fraction * barrier_forward_flops(
+            floor_s = 3 * step_fraction * flops.barrier_forward_flops(
                 config.model, config.batch_size, overrides["scope"],
                 position_fraction) / matmul_rate
             row.update(floor_ms=1e3 * floor_s, position_fraction=position_fraction,
@@ -201,28 +178,6 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         log(f"{name}/{row['mode']}: {row['step_ms']:.1f} ms/step, "
             f"{row['tokens_per_s']:,.0f} tok/s{memory_text}")
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of every measurement."""
-    header = ("| config | mode | microbatches | step ms | tokens/s | x CE time | peak MB | "
-              "x CE memory | MFU | barrier floor ms | overhead / floor | compile s |")
-    lines = [header, "|" + "---|" * 12]
-    number = lambda r, key, form: "-" if r.get(key) is None else format(r[key], form)  # noqa: E731
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['mode']} | {r.get('microbatches', 1)} | "
-                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
-                     f"{number(r, 'peak_memory_mb', '.0f')} | "
-                     f"{number(r, 'memory_vs_ce', '.2f')} | {100 * r['mfu']:.1f}% | "
-                     f"{number(r, 'floor_ms', '.1f')} | {number(r, 'overhead_vs_floor', '.2f')} | "
-                     f"{r['compile_s']:.1f} |")
-    return "\n".join(lines)
-
-
-def estimator_spread(config, fraction: float, draws: int = 32, step_fraction: float = 1.0,
-                     sampling: str = "per_sequence") -> dict:
-    """``estimator_spreads`` for one way of drawing the positions."""
-    return estimator_spreads(config, fraction, draws, step_fraction, samplings=(sampling,))[0]
 
 
 def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: float = 1.0,
@@ -241,6 +196,7 @@ def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: f
     from flax import nnx
 
     from stm_jax import objective
+    from stm_jax.model import Record
 
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
     graphdef, state = steps.init_state(config, tx)
@@ -254,7 +210,7 @@ def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: f
     def barrier_value(params, key, fraction, sampling):
         model = nnx.merge(graphdef, params)
         positions = objective.barrier_positions(*inputs.shape, fraction, key, sampling)
-        _, stats = model(inputs, scope="head", positions=positions)
+        _, stats = model(inputs, record=Record(scope="head", positions=positions))
         return objective.barrier_term(stats, cfg)[0]
 
     exact = float(barrier_value(state["params"], None, 1.0, samplings[0]))
@@ -273,56 +229,6 @@ def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: f
     return spreads
 
 
-def _fraction_text(fraction: float) -> str:
-    """0.03125 -> "1/32", 1 -> "all"; fractions that are not one over a whole number as they
-    are."""
-    inverse = 1 / fraction
-    if abs(inverse - round(inverse)) >= 1e-9:
-        return f"{fraction:g}"
-    return "all" if round(inverse) == 1 else f"1/{round(inverse)}"
-
-
-def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> tuple[str, list[dict]]:
-    """The issue's targets, each with the measured value next to it and whether it is met."""
-    by = {(r["config"], r["mode"]): r for r in rows}
-    targets = []
-
-    def add(name, measured, goal, met):
-        targets.append({"target": name, "measured": measured, "goal": goal, "met": bool(met)})
-
-    for config in dict.fromkeys(r["config"] for r in rows):
-        for mode in ("head", "head_chunked"):
-            if (config, mode) in by:
-                r = by[(config, mode)]
-                add(f"{config}: {mode} barrier peak memory / CE", f"{r['memory_vs_ce']:.2f}x",
-                    "<= 1.5x", r["memory_vs_ce"] <= 1.5)
-                add(f"{config}: {mode} barrier overhead / arithmetic floor",
-                    f"{r['overhead_vs_floor']:.2f}x", "<= 1.3x", r["overhead_vs_floor"] <= 1.3)
-        for mode in ESTIMATOR_MODES:
-            if (config, mode) in by:
-                r = by[(config, mode)]
-                positions = f"estimator on {_fraction_text(r['position_fraction'])} of positions"
-                what = (f"{positions}, step time" if "step_fraction" not in r else
-                        f"{positions} and {_fraction_text(r['step_fraction'])} of steps, "
-                        "mean step time")
-                add(f"{config}: {what} / CE", f"{r['step_vs_ce']:.2f}x", "<= 1.3x",
-                    r["step_vs_ce"] <= 1.3)
-        if (config, "ce") in by and (config, PEER_MODE) in by:
-            r, peer = by[(config, "ce")], by[(config, PEER_MODE)]
-            add(f"{config}: CE-only tokens/s vs nanoGPT ({peer['description']}), same run",
-                f"{r['tokens_per_s']:,.0f}", f">= {peer['tokens_per_s']:,.0f}",
-                r["tokens_per_s"] >= peer["tokens_per_s"])
-        elif config.startswith("shakespeare_char:cpu") and (config, "ce") in by:
-            r = by[(config, "ce")]
-            add(f"{config}: CE-only tokens/s (nanoGPT eager CPU ~{peer_tokens_per_s:,.0f})",
-                f"{r['tokens_per_s']:,.0f}", f">= {peer_tokens_per_s:,.0f}",
-                r["tokens_per_s"] >= peer_tokens_per_s)
-    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
-              for t in targets]
-    return "\n".join(lines), targets
-
-
 def determinant_share(config, matmul_rate: float, repeats: int = 5) -> dict:
     """The exact head barrier's determinants alone, against the whole barrier's floor.
 
@@ -339,7 +245,7 @@ def determinant_share(config, matmul_rate: float, repeats: int = 5) -> dict:
     blocks = jnp.eye(head_dim) + 0.3 * noise / math.sqrt(head_dim)
     gradient = jax.jit(jax.grad(lambda a: jnp.sum(logdet.slogdet(a)[1])))
     ms = 1e3 * _median_seconds(lambda: jax.block_until_ready(gradient(blocks)), repeats)
-    floor_s = 3 * barrier_forward_flops(model, config.batch_size, "head") / matmul_rate
+    floor_s = 3 * flops.barrier_forward_flops(model, config.batch_size, "head") / matmul_rate
     return {"blocks": count, "block_size": head_dim, "ms": ms,
             "barrier_floor_ms": 1e3 * floor_s, "determinants_vs_floor": ms / (1e3 * floor_s)}
 

@@ -36,6 +36,8 @@ class AttentionStats(NamedTuple):
     sign: jax.Array | None = None  # (T,) sign of det J_t
     head_logdet: jax.Array | None = None  # (H, T) log|det(I_p - B_t^hh)| ("head" scope)
     head_sign: jax.Array | None = None  # (H, T)
+    margin: jax.Array | None = None  # (T,) sigma_min(J_t) (``with_margins``)
+    head_margin: jax.Array | None = None  # (H, T) sigma_min(I_d - W_O^h G_t^h)
 
 
 class Moments(NamedTuple):
@@ -243,7 +245,7 @@ def jacobian_stats(
     if positions is None:
         positions = jnp.arange(m.q.shape[1])
     num = positions.shape[0]
-    chunk_size = num if chunk_size <= 0 else min(chunk_size, num)
+    chunk_size = min(chunk_size, num)
     num_chunks = -(-num // chunk_size)
     padded = jnp.concatenate([positions, jnp.full((num_chunks * chunk_size - num,),
                                                   positions[-1], positions.dtype)])
@@ -267,6 +269,7 @@ def causal_self_attention(
     scope: Scope = "both",
     positions: jax.Array | None = None,
     chunk_size: int = 0,
+    with_margins: bool = False,
 ) -> tuple[jax.Array, AttentionStats]:
     """Multi-head causal self-attention of ``u: (T, d)`` and its Jacobian statistics.
 
@@ -275,8 +278,10 @@ def causal_self_attention(
       u: the layer's input embeddings, (T, d).
       scope: which log-determinants to compute: "layer" (exact det J_t), "head" (per-head
         diagonal blocks), "both" (default), or "none" to skip the Jacobian work entirely.
-      positions: optional (n,) token indices: statistics for those tokens only.
-      chunk_size: > 0 bounds memory by computing the statistics in chunks of tokens.
+      positions: optional (n,) token indices: log-dets for those tokens only.
+      chunk_size: > 0 bounds memory by computing the log-dets in chunks of tokens.
+      with_margins: also the margins of every token, layer and head (an SVD each; for
+        evaluation), from the same attention moments.
 
     Returns:
       out: (T, d), sum_h W_O^h o_t^h with the self-term s = t included.
@@ -284,6 +289,9 @@ def causal_self_attention(
     """
     m = attention_moments(params, u)
     stats = jacobian_stats(params, m, scope, positions=positions, chunk_size=chunk_size)
+    if with_margins:
+        stats = stats._replace(margin=margins_of(params, m, "layer"),
+                               head_margin=margins_of(params, m, "head"))
     return attention_output(params, m), stats
 
 
@@ -333,7 +341,12 @@ def margins(params: dict, u: jax.Array, *, scope: Literal["layer", "head"] = "la
     "head" gives sigma_min(I_d - W_O^h G_t^h), the margin of head h acting alone. This costs a
     singular value decomposition per token; use it for evaluation, not in the training loss.
     """
-    m = attention_moments(params, u)
+    return margins_of(params, attention_moments(params, u), scope)
+
+
+def margins_of(params: dict, m: Moments, scope: Literal["layer", "head"] = "layer"
+               ) -> jax.Array:
+    """``margins`` from attention moments already computed (the forward pass's own)."""
     u_factor, g = token_jacobian_factors(params, m)  # (H, d, p), (H, T, p, d)
     if scope == "head":
         per_token = jax.vmap(sigma_min_identity_minus_low_rank, in_axes=(None, 0))

@@ -1,11 +1,24 @@
 """Character-level data: the vocabulary, the text splits, training batches, evaluation windows.
 
 Everything the model sees goes through here, so that training, evaluation and sampling agree.
+``vocab`` and ``batches`` need only NumPy; ``splits`` (reading the configured text, through
+TFDS builders for the named corpora) is imported on first use, so that code that only decodes
+ids does not load TensorFlow Datasets.
 """
 
 from stm_jax.data.batches import check_split_length, eval_batches, get_batch, num_eval_batches
-from stm_jax.data.splits import DATASET_NAMES, load_dataset, read_text_file
 from stm_jax.data.vocab import UNKNOWN_CHAR, VOCAB_FILENAME, Vocab
 
-__all__ = ["DATASET_NAMES", "UNKNOWN_CHAR", "VOCAB_FILENAME", "Vocab", "check_split_length",
-           "eval_batches", "get_batch", "load_dataset", "num_eval_batches", "read_text_file"]
+_FROM_SPLITS = ("DATASET_NAMES", "dataset_name", "load_dataset", "read_text_file",
+                "validate_config")
+
+__all__ = ["UNKNOWN_CHAR", "VOCAB_FILENAME", "Vocab", "check_split_length", "eval_batches",
+           "get_batch", "num_eval_batches", *_FROM_SPLITS]
+
+
+def __getattr__(name: str):
+    if name in _FROM_SPLITS:
+        from stm_jax.data import splits
+
+        return getattr(splits, name)
+    raise AttributeError(f"module 'stm_jax.data' has no attribute {name!r}")

@@ -8,7 +8,6 @@ checkpoint's token ids always mean the same characters.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from stm_jax.data.builders import common
 from stm_jax.data.builders.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
 from stm_jax.data.builders.wikitext2_raw_char import Wikitext2RawChar
 from stm_jax.data.vocab import VOCAB_FILENAME, Vocab, list_chars
+from stm_jax.errors import UserError
 
 DATASET_NAMES = ("tiny_shakespeare", "wikitext2_raw", "text_file")
 # Datasets whose held-out splits legitimately contain characters the train split lacks (the
@@ -33,68 +33,34 @@ _DATASETS_WITH_UNKNOWN = ("wikitext2_raw",)
 # Reading the splits
 
 
-@dataclasses.dataclass(frozen=True)
-class _DataOptions:
-    """The ``data`` config keys, with defaults for the optional ones."""
+def dataset_name(data_cfg) -> str:
+    """The dataset actually read: a non-empty ``data.text_file`` overrides ``data.name``."""
+    return "text_file" if data_cfg.text_file else data_cfg.name
 
-    name: str
-    text_file: str
-    val_fraction: float
-    split_style: str
-    data_dir: str
-    manual_dir: str
-    wikitext_proxy: bool
 
-    @classmethod
-    def from_config(cls, config: Any) -> _DataOptions:
-        def option(key: str, default: Any) -> Any:
-            if isinstance(config, Mapping):
-                value = config.get(key, default)
-            else:  # ConfigDict, dataclass, namespace
-                value = getattr(config, key, default)
-            return default if value is None else value
-
-        options = cls(
-            name=str(option("name", "")),
-            text_file=str(option("text_file", "")),
-            val_fraction=float(option("val_fraction", 0.1)),
-            split_style=str(option("split_style", "nanogpt")),
-            data_dir=str(option("data_dir", "")),
-            manual_dir=str(option("manual_dir", "")),
-            wikitext_proxy=bool(option("wikitext_proxy", False)),
-        )
-        options.validate()
-        return options
-
-    @property
-    def dataset(self) -> str:
-        """The dataset actually read: a non-empty text_file overrides the name."""
-        return "text_file" if self.text_file else self.name
-
-    def validate(self) -> None:
-        if self.dataset not in DATASET_NAMES:
-            raise ValueError(
-                f"unknown data.name {self.name!r}; use one of {DATASET_NAMES} "
-                "(or set data.text_file to a UTF-8 text file)"
-            )
-        if self.dataset == "text_file" and not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.dataset == "tiny_shakespeare" and self.split_style not in SPLIT_STYLES:
-            raise ValueError(
-                f"unknown data.split_style {self.split_style!r}; use one of {SPLIT_STYLES}"
-            )
+def validate_config(data_cfg) -> None:
+    """Raise :class:`UserError` for a ``data`` config that cannot be read; reads no file."""
+    dataset = dataset_name(data_cfg)
+    if dataset not in DATASET_NAMES:
+        raise UserError(f"unknown data.name {data_cfg.name!r}; use one of {DATASET_NAMES} (or "
+                        "set data.text_file to a UTF-8 text file)")
+    if dataset == "text_file" and not 0.0 < data_cfg.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={data_cfg.val_fraction} must be in (0, 1)")
+    if dataset == "tiny_shakespeare" and data_cfg.split_style not in SPLIT_STYLES:
+        raise UserError(f"unknown data.split_style {data_cfg.split_style!r}; use one of "
+                        f"{SPLIT_STYLES}")
 
 
 def read_text_file(path: str | os.PathLike) -> str:
     """The whole file as text: exact UTF-8 (no newline translation), non-empty."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"data.text_file {str(path)!r} does not exist or is not a file; check the path."
         )
     data = path.read_bytes()
     if not data:
-        raise ValueError(f"data.text_file {str(path)!r} is empty; give a file with text in it.")
+        raise UserError(f"data.text_file {str(path)!r} is empty; give a file with text in it.")
     return common.decode_utf8(data, f"data.text_file {str(path)!r}")
 
 
@@ -104,36 +70,36 @@ def _split_text_file(text: str, val_fraction: float) -> dict[str, str]:
     return {"train": text[:train_end], "validation": text[train_end:]}
 
 
-def _read_tfds_splits(options: _DataOptions) -> tuple[dict[str, str], str]:
+def _read_tfds_splits(data_cfg) -> tuple[dict[str, str], str]:
     """Prepares the TFDS dataset if needed (reusing prepared data) and reads its splits."""
-    if options.dataset == "tiny_shakespeare":
-        builder_cls, config_name = TinyShakespeareChar, options.split_style
+    if dataset_name(data_cfg) == "tiny_shakespeare":
+        builder_cls, config_name = TinyShakespeareChar, data_cfg.split_style
     else:
         builder_cls = Wikitext2RawChar
-        config_name = "proxy" if options.wikitext_proxy else "full"
+        config_name = "proxy" if data_cfg.wikitext_proxy else "full"
     builder = builder_cls(
         config=config_name,
-        data_dir=str(Path(options.data_dir).expanduser()) if options.data_dir else None,
+        data_dir=str(Path(data_cfg.data_dir).expanduser()) if data_cfg.data_dir else None,
         file_format="array_record",
     )
-    manual_dir = str(Path(options.manual_dir).expanduser()) if options.manual_dir else None
+    manual_dir = str(Path(data_cfg.manual_dir).expanduser()) if data_cfg.manual_dir else None
     if manual_dir and not builder.is_prepared():
         _check_manual_dir(manual_dir)
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )
-    except FileNotFoundError as err:
-        if builder_cls is Wikitext2RawChar and not options.wikitext_proxy:
-            raise FileNotFoundError(
-                f"{err}\nTo run without wiki.train.raw, set data.wikitext_proxy=True (train on "
+    except UserError as err:
+        if builder_cls is Wikitext2RawChar and not data_cfg.wikitext_proxy:
+            raise UserError(
+                f"{err} To run without wiki.train.raw, set data.wikitext_proxy=True (train on "
                 "wiki.test.raw, evaluate on wiki.valid.raw; reports must say so)."
             ) from err
         raise
     texts = {}
     for split, source in builder.as_data_source().items():
         if len(source) != 1:
-            raise ValueError(
+            raise UserError(
                 f"{builder.data_dir} split {split!r} holds {len(source)} examples, expected 1; "
                 "delete that folder to prepare it again."
             )
@@ -145,25 +111,25 @@ def _check_manual_dir(manual_dir: str) -> None:
     """A configured manual_dir must hold files: TFDS would take an empty one as "download"."""
     path = Path(manual_dir)
     if not path.is_dir() or not any(path.iterdir()):
-        raise FileNotFoundError(
+        raise UserError(
             f"data.manual_dir {manual_dir!r} does not exist or is empty; point it at the folder "
             "holding the raw files, or leave it empty to download them."
         )
 
 
-def _read_splits(options: _DataOptions) -> tuple[dict[str, str], str]:
-    if options.dataset == "text_file":
-        text = read_text_file(options.text_file)
-        return _split_text_file(text, options.val_fraction), options.text_file
-    return _read_tfds_splits(options)
+def _read_splits(data_cfg) -> tuple[dict[str, str], str]:
+    if dataset_name(data_cfg) == "text_file":
+        text = read_text_file(data_cfg.text_file)
+        return _split_text_file(text, data_cfg.val_fraction), data_cfg.text_file
+    return _read_tfds_splits(data_cfg)
 
 
 def _check_nonempty(texts: Mapping[str, str], source: str) -> None:
     if "train" not in texts or "validation" not in texts:
-        raise ValueError(f"{source} lacks a train or validation split: it has {sorted(texts)}")
+        raise UserError(f"{source} lacks a train or validation split: it has {sorted(texts)}")
     for split, text in texts.items():
         if not text:
-            raise ValueError(
+            raise UserError(
                 f"the {split} split of {source} is empty; the text is too short for the split "
                 "fractions (give a longer text or change data.val_fraction)."
             )
@@ -182,14 +148,14 @@ def _vocab_for(train_text: str, vocab_path: Path | None, unknown: bool) -> tuple
         return Vocab.from_text(train_text, unknown=unknown), True
     vocab = Vocab.load(vocab_path)
     if vocab.unknown != unknown:
-        raise ValueError(
+        raise UserError(
             f"{vocab_path} was made {'with' if vocab.unknown else 'without'} an unknown symbol, "
             f"but this dataset uses {'one' if unknown else 'none'}: the workdir belongs to another "
             "dataset. Use a fresh workdir."
         )
     missing = sorted(set(train_text) - set(vocab.chars))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"the train split has characters not in {vocab_path}: "
             f"{list_chars(np.array([ord(c) for c in missing]))}. The workdir belongs to another "
             "dataset; use a fresh workdir (or delete vocab.json if no checkpoint depends on it)."
@@ -201,7 +167,7 @@ def _encode_split(vocab: Vocab, text: str, split: str, source: str) -> np.ndarra
     try:
         return vocab.encode(text)
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"the {split} split of {source} has {err}. The vocabulary comes from the train split "
             "and this dataset has no unknown symbol; use a text whose held-out part only uses "
             "characters that occur in its train part."
@@ -213,12 +179,12 @@ def _encode_split(vocab: Vocab, text: str, split: str, source: str) -> np.ndarra
 
 
 def load_dataset(
-    data_config: Any, workdir: str | os.PathLike | None = None
+    data_cfg: Any, workdir: str | os.PathLike | None = None
 ) -> tuple[dict[str, np.ndarray], Vocab, dict[str, Any]]:
     """Reads the configured splits and returns (token splits, vocab, info).
 
-    ``data_config`` is the ``data`` sub-config (``name``, ``text_file``, ``val_fraction``,
-    ``split_style``, ``data_dir``, ``manual_dir``, ``wikitext_proxy``; optional keys default).
+    ``data_cfg`` is the ``data`` sub-config (``name``, ``text_file``, ``val_fraction``,
+    ``split_style``, ``data_dir``, ``manual_dir``, ``wikitext_proxy``; see configs/common.py).
 
     Splits are ``{'train', 'validation'[, 'test']}`` as int32 arrays. The vocabulary is the
     sorted distinct characters of the TRAIN split, so held-out text never leaks into it:
@@ -236,15 +202,15 @@ def load_dataset(
     ``info``: name, source, split_style, proxy (bool), note, num_chars and num_unknown per
     split, vocab_size, unknown_symbol.
     """
-    options = _DataOptions.from_config(data_config)
-    texts, source = _read_splits(options)
+    validate_config(data_cfg)
+    texts, source = _read_splits(data_cfg)
     _check_nonempty(texts, source)
 
-    unknown = options.dataset in _DATASETS_WITH_UNKNOWN
+    unknown = dataset_name(data_cfg) in _DATASETS_WITH_UNKNOWN
     vocab_path = Path(workdir).expanduser() / VOCAB_FILENAME if workdir is not None else None
     vocab, vocab_is_new = _vocab_for(texts["train"], vocab_path, unknown)
     splits = {split: _encode_split(vocab, text, split, source) for split, text in texts.items()}
-    info = _describe(options, source, texts, splits, vocab)
+    info = _describe(data_cfg, source, texts, splits, vocab)
 
     if vocab_is_new and vocab_path is not None:
         vocab.save(vocab_path)
@@ -252,13 +218,14 @@ def load_dataset(
 
 
 def _describe(
-    options: _DataOptions,
+    data_cfg: Any,
     source: str,
     texts: Mapping[str, str],
     splits: Mapping[str, np.ndarray],
     vocab: Vocab,
 ) -> dict[str, Any]:
-    proxy = options.dataset == "wikitext2_raw" and options.wikitext_proxy
+    dataset = dataset_name(data_cfg)
+    proxy = dataset == "wikitext2_raw" and data_cfg.wikitext_proxy
     note = ""
     if proxy:
         note = (
@@ -266,9 +233,9 @@ def _describe(
             "evaluated on wiki.valid.raw; not comparable with published WikiText-2 results."
         )
     return {
-        "name": options.dataset,
+        "name": dataset,
         "source": source,
-        "split_style": options.split_style if options.dataset == "tiny_shakespeare" else None,
+        "split_style": data_cfg.split_style if dataset == "tiny_shakespeare" else None,
         "proxy": proxy,
         "note": note,
         "num_chars": {split: len(text) for split, text in texts.items()},

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stm_jax import files
+from stm_jax.errors import UserError
 
 VOCAB_FILENAME = "vocab.json"
 UNKNOWN_CHAR = "\ufffd"  # how the unknown id decodes (U+FFFD REPLACEMENT CHARACTER)
@@ -112,7 +113,7 @@ class Vocab:
                 raise ValueError(f"format is {payload.get('format')!r}, not {_VOCAB_FORMAT!r}")
             return cls(tuple(payload["chars"]), unknown=bool(payload["unknown"]))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a valid vocabulary file ({err}); delete it to rebuild the "
                 "vocabulary from the train split, or restore the original."
             ) from None

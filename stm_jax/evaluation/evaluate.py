@@ -23,11 +23,9 @@ bounded number of windows (``margin_batches`` x ``margin_batch_size``), never a 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +35,22 @@ from flax import nnx
 
 from stm_jax import data, files
 from stm_jax.core import barrier
+from stm_jax.errors import UserError
+from stm_jax.evaluation import (
+    BPC_PLOT,
+    MARGIN_PLOT,
+    MARGINS_FILE,
+    REPORT_FILE,
+    RESULTS_FILE,
+    plots,
+    report,
+)
+from stm_jax.model import Record
 from stm_jax.trainer.restore import load_trained
 
-RESULTS_FILE = "eval_results.json"
-REPORT_FILE = "eval_report.md"
-BPC_PLOT = "bpc_vs_sigma.png"
-MARGIN_PLOT = "margin_hist.png"
-MARGINS_FILE = "margins.npz"
 DEFAULT_SIGMAS = (0.0, 0.1, 0.25, 0.5, 1.0)
 NOISE_MODES = ("absolute", "relative")
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
-# How characters that would break the column alignment of the support-token display are shown.
-_VISIBLE = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +134,8 @@ def make_margin_fn(graphdef) -> Callable:
 
     def stats(params, inputs):
         model = nnx.merge(graphdef, params)
-        _, per_layer = model.from_embeddings(model.embed(inputs), scope="layer", margins=True)
+        _, per_layer = model.from_embeddings(model.embed(inputs),
+                                             record=Record(scope="layer", margins=True))
         return per_layer
 
     return jax.jit(stats)
@@ -208,197 +211,6 @@ def support_window_details(inputs: np.ndarray, stats: dict, vocab: data.Vocab, *
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing files
-
-
-def _json_safe(value: Any) -> Any:
-    """Strict JSON: NaN and infinities become strings (as in metrics.jsonl)."""
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def png_bytes(figure) -> bytes:
-    """A matplotlib figure rendered as PNG (110 dpi), ready for an atomic write."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def plot_bpc_vs_sigma(results: dict) -> bytes:
-    """BPC against sigma, one line per split and noise mode (rendered by matplotlib's Agg)."""
-    from matplotlib.figure import Figure  # the OO API renders with Agg, no pyplot state
-
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.subplots()
-    for split, split_results in results["splits"].items():
-        for mode, rows in split_results["robustness"].items():
-            axes.plot([r["sigma"] for r in rows], [r["bpc"] for r in rows], marker="o",
-                      linestyle="-" if split == "validation" else "--", label=f"{split}, {mode}")
-    axes.set(xlabel="embedding noise sigma", ylabel="bits per character",
-             title=f"BPC under embedding noise (step {results['step']})")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    return png_bytes(figure)
-
-
-def plot_margin_hist(margin: np.ndarray, sign: np.ndarray, tau: float, step: int) -> bytes:
-    """One histogram of m_t per layer on its own range; tau is drawn where it falls inside."""
-    from matplotlib.figure import Figure
-
-    num_layers = margin.shape[0]
-    figure = Figure(figsize=(6, 2.2 * num_layers), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(num_layers, 1))
-    for layer, ax in enumerate(axes):
-        values = margin[layer].ravel()
-        infeasible = float(np.mean(sign[layer] <= 0))
-        below = int(np.sum(values <= tau))
-        ax.hist(values, bins=50, color="tab:blue")
-        if values.min() <= tau <= values.max():
-            ax.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau:g}")
-            ax.legend(fontsize=8)
-        ax.set_title(f"layer {layer}: {values.size} tokens, {below} with m_t <= tau = {tau:g}, "
-                     f"infeasible {infeasible:.1%}", fontsize=9)
-        ax.set_ylabel("tokens")
-    axes[-1].set_xlabel("margin to degeneracy m_t = sigma_min(J_t)")
-    figure.suptitle(f"Margins to degeneracy (step {step})")
-    return png_bytes(figure)
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-
-
-def _visible(text: str) -> str:
-    """One column per character, so marker lines line up under the text."""
-    return "".join(_VISIBLE.get(c, c if c.isprintable() else "\u00b7") for c in text)
-
-
-def _marker_line(layer: dict, length: int) -> str:
-    marks = [" "] * length
-    for index in layer["bottom_k"]:
-        marks[index] = "^"
-    for index in layer["below_tau"]:
-        marks[index] = "*"
-    for index in layer["infeasible"]:
-        marks[index] = "!"
-    return "".join(marks).rstrip()
-
-
-def _robustness_table(rows_by_mode: dict) -> list[str]:
-    modes = list(rows_by_mode)
-    header = "| sigma | " + " | ".join(f"{m} BPC | {m} top-1" for m in modes) + " |"
-    lines = [header, "|---" * (1 + 2 * len(modes)) + "|"]
-    for i, row in enumerate(rows_by_mode[modes[0]]):
-        cells = [f"{rows_by_mode[m][i]['bpc']:.4f} | {rows_by_mode[m][i]['accuracy']:.3f}"
-                 for m in modes]
-        lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _margin_section(margins: dict) -> list[str]:
-    tau, k = margins["tau"], margins["bottom_k"]
-    lines = [
-        f"## Margins to degeneracy ({margins['split']}, {margins['num_windows']} windows, "
-        f"{margins['num_tokens']} tokens per layer)", "",
-        "m_t = sigma_min(J_t), the distance from the layer's Jacobian block to the nearest "
-        "singular matrix. Infeasible: det J_t <= 0 (sign of the layer-scope log-det). Support "
-        f"tokens: m_t <= tau = {tau:g}, and the bottom-{k} per window.", "",
-        "| layer | min | 5% | 25% | median | 75% | 95% | max | infeasible | m_t <= tau | "
-        f"bottom-{k} mean m_t |",
-        "|---" * 11 + "|",
-    ]
-    for layer in margins["layers"]:
-        q = layer["margin_quantiles"]
-        lines.append(
-            f"| {layer['layer']} | " + " | ".join(f"{q[key]:.4f}" for key in q)
-            + f" | {layer['infeasible_fraction']:.2%} | {layer['support_threshold_count']} "
-            f"({layer['support_threshold_fraction']:.1%}) | {layer['bottom_k_mean_margin']:.4f} |")
-    lines += ["", "Barrier b_t = smooth -log det J_t per layer (quantiles):", "",
-              "| layer | min | 5% | median | 95% | max |", "|---|---|---|---|---|---|"]
-    for layer in margins["layers"]:
-        q = layer["barrier_quantiles"]
-        lines.append(f"| {layer['layer']} | " + " | ".join(
-            f"{q[key]:.4g}" for key in ("q00", "q05", "q50", "q95", "q100")) + " |")
-    lines += ["", "Per head (sigma_min of I - W_O^h G_t^h, the head acting alone):", "",
-              "| layer | head | min | 5% | median | m_t <= tau |", "|---|---|---|---|---|---|"]
-    for layer in margins["layers"]:
-        for head in layer["heads"]:
-            lines.append(f"| {layer['layer']} | {head['head']} | {head['margin_min']:.4f} | "
-                         f"{head['margin_q05']:.4f} | {head['margin_median']:.4f} | "
-                         f"{head['support_threshold_fraction']:.1%} |")
-    return lines
-
-
-def _windows_section(margins: dict) -> list[str]:
-    if not margins["windows"]:
-        return []
-    lines = ["", f"## Support tokens in {margins['split']} windows", "",
-             f"Under each window, per layer: `^` bottom-{margins['bottom_k']} margin, `*` "
-             f"m_t <= tau = {margins['tau']:g}, `!` det J_t <= 0. A token's margin belongs to "
-             "the position of the character above it (its latent u_t). "
-             "\u21b5 is a newline.", ""]
-    for window in margins["windows"]:
-        text = _visible(window["text"])
-        lines += [f"Window {window['window']} (characters {window['start']}-"
-                  f"{window['start'] + len(text) - 1}):", "", "```", f"text    | {text}"]
-        lines += [f"layer {layer['layer']:<2}| {_marker_line(layer, len(text))}"
-                  for layer in window["layers"]]
-        lines += ["```", ""]
-        for layer in window["layers"]:
-            smallest = ", ".join(f"{text[i]!r}@{i} {layer['margin'][i]:.3f}"
-                                 for i in sorted(layer["bottom_k"],
-                                                 key=lambda i, m=layer["margin"]: m[i]))
-            lines.append(f"* layer {layer['layer']} bottom-{len(layer['bottom_k'])}: {smallest}")
-        lines.append("")
-    return lines
-
-
-def format_report(results: dict) -> str:
-    """``eval_report.md``: what a person reads first; every number is also in the JSON."""
-    settings, model = results["settings"], results["model"]
-    limit = settings["max_batches"]
-    windows = "all full batches" if limit is None else f"at most {limit} batches"
-    lines = [
-        f"# Evaluation of {results['workdir_name']} at step {results['step']}", "",
-        f"Model: {model['num_layers']} layers, {model['num_heads']} heads, d = "
-        f"{model['d_model']}, context {model['context']}, vocabulary {model['vocab_size']}; "
-        f"objective {results['objective']}. Data: {results['data']['source']}.",
-        f"Windows: batches of {settings['batch_size']} x {settings['context']} characters, "
-        f"{windows} per split; noise seed {settings['seed']}.", "",
-    ]
-    if results["data"].get("note"):
-        lines += [f"**Note:** {results['data']['note']}", ""]
-    unknown = {split: n for split, n in (results["data"].get("num_unknown") or {}).items() if n}
-    if unknown:
-        counts = ", ".join(f"{split} {n:,}" for split, n in unknown.items())
-        lines += [f"Held-out characters outside the train vocabulary (scored as the unknown "
-                  f"id): {counts}.", ""]
-    lines += ["## Bits per character", "", "| split | BPC | top-1 accuracy | characters |",
-              "|---|---|---|---|"]
-    for split, split_results in results["splits"].items():
-        clean = split_results["clean"]
-        lines.append(f"| {split} | {clean['bpc']:.4f} | {clean['accuracy']:.3f} | "
-                     f"{clean['num_tokens']:,} |")
-    for split, reason in results["skipped_splits"].items():
-        lines.append(f"| {split} | not evaluated: {reason} | | |")
-    lines.append("")
-    for split, split_results in results["splits"].items():
-        lines += [f"## Robustness to embedding noise ({split})", "",
-                  "Gaussian noise of scale sigma on the token + position embedding; relative: "
-                  "times each token's embedding RMS.", ""]
-        lines += _robustness_table(split_results["robustness"]) + [""]
-    lines += _margin_section(results["margins"])
-    lines += _windows_section(results["margins"])
-    lines += ["", f"Plots: `{BPC_PLOT}`, `{MARGIN_PLOT}`. All numbers: `{RESULTS_FILE}`.", ""]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -406,21 +218,21 @@ def _check_options(sigmas, noise_modes, splits, margin_batches, margin_batch_siz
                    bottom_k, support_windows, context) -> tuple[list[float], list[str]]:
     sigmas = sorted({float(s) for s in sigmas})
     if not sigmas or any(not (math.isfinite(s) and s >= 0) for s in sigmas):
-        raise ValueError(f"sigmas={sigmas} must be finite and >= 0 (and at least one)")
+        raise UserError(f"sigmas={sigmas} must be finite and >= 0 (and at least one)")
     modes = list(dict.fromkeys(noise_modes))
     unknown = [m for m in modes if m not in NOISE_MODES]
     if unknown or not modes:
-        raise ValueError(f"noise modes {unknown or modes} are not among {NOISE_MODES}")
+        raise UserError(f"noise modes {unknown or modes} are not among {NOISE_MODES}")
     if not splits:
-        raise ValueError("give at least one split to evaluate")
+        raise UserError("give at least one split to evaluate")
     if margin_batches < 1 or margin_batch_size < 1 or support_windows < 0:
-        raise ValueError("margin_batches and margin_batch_size must be >= 1 and "
+        raise UserError("margin_batches and margin_batch_size must be >= 1 and "
                          f"support_windows >= 0, got {margin_batches}, {margin_batch_size}, "
                          f"{support_windows}")
     if not 1 <= bottom_k <= context:
-        raise ValueError(f"bottom_k={bottom_k} must be between 1 and the context ({context})")
+        raise UserError(f"bottom_k={bottom_k} must be between 1 and the context ({context})")
     if not math.isfinite(tau):
-        raise ValueError(f"tau={tau} must be finite")
+        raise UserError(f"tau={tau} must be finite")
     return sigmas, modes
 
 
@@ -505,8 +317,8 @@ def evaluate_workdir(
 
 def _describe_objective(objective_cfg) -> str:
     """e.g. "margin (lambda_m=0.02, lambda_s=0)": what the reader compares models by."""
-    return (f"{objective_cfg.get('variant', '?')} (lambda_m={objective_cfg.get('lambda_m', 0):g}, "
-            f"lambda_s={objective_cfg.get('lambda_s', 0):g})")
+    return (f"{objective_cfg.variant} (lambda_m={objective_cfg.lambda_m:g}, "
+            f"lambda_s={objective_cfg.lambda_s:g})")
 
 
 def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
@@ -520,10 +332,9 @@ def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
 
 def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
                    margin_inputs: np.ndarray) -> None:
-    files.write_bytes(workdir / RESULTS_FILE,
-                  (json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n").encode())
-    files.write_bytes(workdir / REPORT_FILE, format_report(results).encode("utf-8"))
-    files.write_bytes(workdir / BPC_PLOT, plot_bpc_vs_sigma(results))
-    files.write_bytes(workdir / MARGIN_PLOT,
-                  plot_margin_hist(stats["margin"], stats["sign"], tau, results["step"]))
+    files.write_json(workdir / RESULTS_FILE, results)
+    files.write_text(workdir / REPORT_FILE, report.format_report(results))
+    files.write_png(workdir / BPC_PLOT, plots.plot_bpc_vs_sigma(results))
+    files.write_png(workdir / MARGIN_PLOT, plots.plot_margin_hist(
+        stats["margin"], stats["sign"], tau, results["step"]))
     files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))

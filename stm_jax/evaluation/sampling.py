@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from stm_jax import data
+from stm_jax.errors import UserError
 from stm_jax.model import GPT
 
 
@@ -28,12 +29,12 @@ def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
     train split, so its embedding is untrained and conditioning on it means nothing.
     """
     if not prompt:
-        raise ValueError("the prompt is empty; give at least one character to continue from")
+        raise UserError("the prompt is empty; give at least one character to continue from")
     missing = sorted(set(prompt) - set(vocab.chars), key=prompt.index)
     if missing:
         listed = ", ".join(repr(c) for c in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise ValueError(f"the prompt has characters not in the model's vocabulary: {listed}"
+        raise UserError(f"the prompt has characters not in the model's vocabulary: {listed}"
                          f"{more}; the model knows {len(vocab.chars)} characters")
     return vocab.encode(prompt)
 
@@ -61,11 +62,11 @@ def _step_fn(graphdef, top_k: int | None, greedy: bool, unknown_id: int | None):
 
 def _check_options(vocab: data.Vocab, num_chars: int, temperature: float, top_k: int | None):
     if num_chars < 0:
-        raise ValueError(f"num_chars={num_chars} must be >= 0")
+        raise UserError(f"num_chars={num_chars} must be >= 0")
     if not temperature >= 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 picks the likeliest char)")
+        raise UserError(f"temperature={temperature} must be >= 0 (0 picks the likeliest char)")
     if top_k is not None and not 1 <= top_k <= len(vocab.chars):
-        raise ValueError(f"top_k={top_k} must be between 1 and the {len(vocab.chars)} "
+        raise UserError(f"top_k={top_k} must be between 1 and the {len(vocab.chars)} "
                          "characters of the vocabulary (or None for no limit)")
 
 

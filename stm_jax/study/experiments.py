@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from stm_jax.errors import UserError
+
 PAPER_LAMBDA_M = 0.02  # the paper's choice, and the barrier run the claims compare with CE
 LAMBDA_SWEEP = (0.005, 0.01, 0.02, 0.05, 0.1)
 
@@ -125,7 +127,7 @@ EXPERIMENTS = {experiment.name: experiment for experiment in (
 
 def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+        raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     return EXPERIMENTS[name]
 
 
@@ -136,6 +138,6 @@ def select_runs(experiment: Experiment, names: list[str] | None) -> tuple[Run, .
     known = [run.name for run in experiment.runs]
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown run(s) {', '.join(unknown)} in {experiment.name}; its runs "
+        raise UserError(f"unknown run(s) {', '.join(unknown)} in {experiment.name}; its runs "
                          f"are {', '.join(known)}")
     return tuple(run for run in experiment.runs if run.name in names)

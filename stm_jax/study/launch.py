@@ -2,7 +2,7 @@
 
 Each (run, seed) goes through ``scripts/train.py`` then ``scripts/evaluate.py``, their output
 appended to ``train.log`` and ``eval.log`` in its workdir. What is already on disk decides what
-is left to do (``run_plan.run_state``): an evaluated run is skipped, a trained one only
+is left to do (``plan.run_state``): an evaluated run is skipped, a trained one only
 evaluated, anything else (re)launched with the same command, which resumes from its checkpoint.
 A failed run is reported with the end of its log; the others go on.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stm_jax import files
+from stm_jax.evaluation import RESULTS_FILE
 from stm_jax.study.plan import RunPlan, run_state, shell_line
 from stm_jax.trainer.metrics import format_duration
 
@@ -86,10 +87,10 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def _validation_bpc(plan: RunPlan) -> str:
+    results = files.read_json_or_none(plan.workdir / RESULTS_FILE)
     try:
-        results = json.loads((plan.workdir / "eval_results.json").read_text())
         return f"val BPC {results['splits']['validation']['clean']['bpc']:.4f}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "no validation BPC"
 
 

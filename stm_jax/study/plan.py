@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import shlex
 from pathlib import Path
@@ -17,7 +16,11 @@ from typing import Any
 
 import ml_collections
 
+from stm_jax import files
+from stm_jax.errors import UserError
+from stm_jax.evaluation import RESULTS_FILE
 from stm_jax.study.experiments import Experiment, Run
+from stm_jax.trainer.workdir import CONFIG_FILE, SUMMARY_FILE, upgrade_config
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 # Keys a resumed or reused workdir may differ in: data paths (the same file by another path),
@@ -50,7 +53,7 @@ def parse_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip().removeprefix("--").removeprefix("config.")
     if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
-        raise ValueError(f"--override={text!r} is not key=value (e.g. "
+        raise UserError(f"--override={text!r} is not key=value (e.g. "
                          "--override=model.num_layers=1)")
     return key, value
 
@@ -62,11 +65,11 @@ def coerce(config: ml_collections.ConfigDict, key: str, value: Any) -> Any:
     for part in parts[:-1]:
         node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
-        raise ValueError(f"--override {key}: the config has no key {key!r}; check the spelling "
+        raise UserError(f"--override {key}: the config has no key {key!r}; check the spelling "
                          "against configs/common.py")
     current = node[parts[-1]]
     if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"--override {key}: {key!r} is a group of keys; override one of them")
+        raise UserError(f"--override {key}: {key!r} is a group of keys; override one of them")
     if not isinstance(value, str) or current is None or isinstance(current, str):
         return value
     try:
@@ -76,7 +79,7 @@ def coerce(config: ml_collections.ConfigDict, key: str, value: Any) -> Any:
             return value.lower() in TRUE_WORDS
         return type(current)(value)
     except ValueError:
-        raise ValueError(f"--override {key}={value}: expected a value of type "
+        raise UserError(f"--override {key}={value}: expected a value of type "
                          f"{type(current).__name__}") from None
 
 
@@ -97,11 +100,11 @@ def variants(experiment: Experiment, run: Run) -> str:
 
 def check_data(experiment: Experiment, data_root: str | None) -> None:
     if not data_root:
-        raise ValueError(f"{experiment.name} needs --data_root: the folder holding "
+        raise UserError(f"{experiment.name} needs --data_root: the folder holding "
                          f"{' and '.join(experiment.data.files)}")
     missing = [name for name in experiment.data.files if not (Path(data_root) / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"--data_root={data_root} has no {', '.join(missing)}; point "
+        raise UserError(f"--data_root={data_root} has no {', '.join(missing)}; point "
                                 "it at the folder holding the corpora (see the README)")
 
 
@@ -111,7 +114,7 @@ def run_settings(experiment: Experiment, run: Run, config, cli: list[tuple[str, 
     own = dict(run.overrides)
     for key, value in cli:
         if key in own and coerce(config, key, value) != own[key]:
-            raise ValueError(f"--override {key}={value} clashes with run {run.name}, which sets "
+            raise UserError(f"--override {key}={value} clashes with run {run.name}, which sets "
                              f"{key}={own[key]}; leave that run out with --runs")
     places = {"data_root": data_root, "experiment_dir": str(experiment_dir)}
     settings = {key: value.format(**places) if isinstance(value, str) else value
@@ -127,7 +130,7 @@ def plan_runs(experiment: Experiment, runs: tuple[Run, ...], seeds: int,
               repo_root: Path) -> list[RunPlan]:
     """Every (run, seed) with its checked config and commands; raises on any bad input."""
     if seeds < 1:
-        raise ValueError(f"--seeds={seeds} must be at least 1")
+        raise UserError(f"--seeds={seeds} must be at least 1")
     cli = [parse_override(text) for text in cli_overrides]
     here = Path.cwd()
     script = lambda name: os.path.relpath(repo_root / "scripts" / name, here)  # noqa: E731
@@ -149,7 +152,7 @@ def plan_runs(experiment: Experiment, runs: tuple[Run, ...], seeds: int,
             plans.append(RunPlan(run, seed, workdir, train,
                                  (script("evaluate.py"), f"--workdir={workdir}",
                                   *experiment.eval_args), num_steps,
-                                 seeded, flatten(resolved.to_dict())))
+                                 seeded, files.flatten(resolved.to_dict())))
     return plans
 
 
@@ -157,47 +160,29 @@ def shell_line(command: tuple[str, ...]) -> str:
     return "python " + shlex.join(command)
 
 
-def read_json(path: Path) -> dict | None:
-    """A run folder's JSON record, or None when it is missing or half-written."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def run_state(plan: RunPlan) -> str:
     """"evaluated" (nothing to do), "trained" (evaluate only) or "pending" (train, evaluate)."""
-    results = read_json(plan.workdir / "eval_results.json") or {}
+    results = files.read_json_or_none(plan.workdir / RESULTS_FILE) or {}
     if results.get("step") == plan.num_steps:
         return "evaluated"
-    summary = read_json(plan.workdir / "train_summary.json") or {}
+    summary = files.read_json_or_none(plan.workdir / SUMMARY_FILE) or {}
     if summary.get("status") == "finished" and summary.get("step") == plan.num_steps:
         return "trained"
     return "pending"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"d_model": 128}}`` -> ``{"model.d_model": 128}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def check_workdir_settings(plan: RunPlan) -> None:
     """A workdir trained with another config is neither resumed nor reused (see UNCHECKED_KEYS).
 
     Catches a changed --override, experiment default or config file between two invocations.
+    The saved config is upgraded first (``workdir.upgrade_config``), as training reads it.
     """
-    saved = read_json(plan.workdir / "config.json")
+    saved = files.read_json_or_none(plan.workdir / CONFIG_FILE)
     if saved is None:
         return
-    saved = flatten(saved)
+    saved = files.flatten(upgrade_config(saved))
     for key, wanted in plan.config.items():
         if key.startswith(UNCHECKED_KEYS) or saved.get(key, wanted) == wanted:
             continue
-        raise ValueError(f"{plan.workdir} was trained with {key}={saved[key]}, this command "
-                         f"gives {wanted}; use another --output_dir or the original settings")
+        raise UserError(f"{plan.workdir} was trained with {key}={saved[key]}, this command "
+                        f"gives {wanted}; use another --output_dir or the original settings")

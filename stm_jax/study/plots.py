@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from stm_jax import files
-from stm_jax.data import Vocab
-from stm_jax.evaluation.evaluate import MARGINS_FILE, png_bytes
+from stm_jax.data import VOCAB_FILENAME, Vocab
+from stm_jax.evaluation import MARGINS_FILE
 from stm_jax.study import claims
 from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
 
@@ -141,7 +141,7 @@ def plot_support_tokens(experiment_dir: Path, summary: dict) -> Figure | None:
     all_axes = figure.subplots(len(windows), 1, squeeze=False)[:, 0]
     image = None
     for axes, (name, window), values in zip(all_axes, windows.items(), margins, strict=True):
-        text = Vocab.load(window["workdir"] / "vocab.json").decode(window["inputs"][0])
+        text = Vocab.load(window["workdir"] / VOCAB_FILENAME).decode(window["inputs"][0])
         support = set(np.argsort(values, kind="stable")[:bottom_k].tolist())
         image = axes.imshow(np.pad(values, (0, rows * columns - num_tokens),
                                    constant_values=np.nan).reshape(rows, columns),
@@ -173,6 +173,6 @@ def write_plots(experiment: Experiment, experiment_dir: Path, summary: dict) -> 
     written = []
     for name, figure in figures.items():
         if figure is not None:
-            files.write_bytes(experiment_dir / name, png_bytes(figure))
+            files.write_png(experiment_dir / name, figure)
             written.append(name)
     return written

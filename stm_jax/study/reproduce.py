@@ -4,7 +4,7 @@ One call takes an experiment of ``stm_jax.experiments`` through these steps:
 
 1. Check every input -- experiment and run names, seeds, jobs, overrides (against the real
    config), data files, and that existing workdirs were trained with the same settings --
-   before anything is written. A mistake raises ``ValueError``/``FileNotFoundError``.
+   before anything is written. A mistake raises :class:`~stm_jax.errors.UserError`.
 2. ``dry_run``: print the runs, their state and their commands; stop.
 3. For runs left to do: describe the software and devices (an experiment that needs an
    accelerator is refused on CPU unless ``allow_cpu``), prepare TFDS data once, train and
@@ -19,12 +19,14 @@ One call takes an experiment of ``stm_jax.experiments`` through these steps:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_collections
+
 from stm_jax import files
+from stm_jax.errors import UserError
 from stm_jax.study import environment, launch, plots, report
 from stm_jax.study.experiments import Experiment, get_experiment, select_runs
 from stm_jax.study.plan import (
@@ -35,7 +37,7 @@ from stm_jax.study.plan import (
     run_state,
     shell_line,
 )
-from stm_jax.study.summary import build_summary, json_safe
+from stm_jax.study.summary import build_summary
 
 SUMMARY_FILE, REPORT_FILE = "summary.json", "report.md"
 NOTES_FILE, INVOCATIONS_FILE = "notes.md", "invocations.jsonl"
@@ -64,15 +66,15 @@ def reproduce(options: Options, repo_root: Path,
     experiment = get_experiment(options.experiment)
     experiment_dir = Path(options.output_dir) / experiment.name
     if options.dry_run and options.report_only:
-        raise ValueError("--dry_run and --report_only exclude each other")
+        raise UserError("--dry_run and --report_only exclude each other")
     if options.report_only:
         if not (experiment_dir / "runs").is_dir():
-            raise FileNotFoundError(f"{experiment_dir / 'runs'} does not exist: nothing to "
+            raise UserError(f"{experiment_dir / 'runs'} does not exist: nothing to "
                                     "report; train first (drop --report_only)")
         write_outputs(experiment, experiment_dir, echo)
         return []
     if options.jobs < 1:
-        raise ValueError(f"--jobs={options.jobs} must be at least 1")
+        raise UserError(f"--jobs={options.jobs} must be at least 1")
     runs = select_runs(experiment, list(options.runs))
     check_data(experiment, options.data_root)
     plans = plan_runs(experiment, runs, options.seeds, list(options.overrides),
@@ -111,7 +113,7 @@ def describe_plans(experiment: Experiment, plans: list[RunPlan], todo: list[RunP
 def check_devices(experiment: Experiment, described: dict, allow_cpu: bool) -> None:
     backend = described["hardware"]["backend"]
     if experiment.needs_accelerator and backend not in ACCELERATORS and not allow_cpu:
-        raise ValueError(f"{experiment.name} needs a GPU or TPU (the JAX backend here is "
+        raise UserError(f"{experiment.name} needs a GPU or TPU (the JAX backend here is "
                          f"{backend}); pass --allow_cpu to run it anyway, e.g. with --override "
                          "to shrink it")
 
@@ -120,8 +122,9 @@ def prepare_data(plan: RunPlan) -> None:
     """Builds a TFDS dataset once, before concurrent runs would race to prepare it."""
     from stm_jax import data  # imports tensorflow_datasets: only when needed
 
-    data.load_dataset({key.removeprefix("data."): value for key, value in plan.config.items()
-                       if key.startswith("data.")})
+    data.load_dataset(ml_collections.ConfigDict({
+        key.removeprefix("data."): value for key, value in plan.config.items()
+        if key.startswith("data.")}))
 
 
 def record_invocation(experiment_dir: Path, options: Options, described: dict,
@@ -134,30 +137,16 @@ def record_invocation(experiment_dir: Path, options: Options, described: dict,
     record = {"command": options.command, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "seeds": options.seeds, "jobs": options.jobs, "overrides": list(options.overrides),
               "completed": completed, "environment": described}
-    with open(experiment_dir / INVOCATIONS_FILE, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def read_invocations(experiment_dir: Path) -> list[dict]:
-    path = experiment_dir / INVOCATIONS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return records
+    files.append_jsonl(experiment_dir / INVOCATIONS_FILE, record)
 
 
 def write_outputs(experiment: Experiment, experiment_dir: Path,
                   echo: Callable[[str], None]) -> dict:
     """summary.json, the plots and report.md from every finished run in ``experiment_dir``."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(experiment, experiment_dir, read_invocations(experiment_dir))
-    files.write_text(experiment_dir / SUMMARY_FILE,
-                            json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+    summary = build_summary(experiment, experiment_dir,
+                            files.read_jsonl(experiment_dir / INVOCATIONS_FILE))
+    files.write_json(experiment_dir / SUMMARY_FILE, summary)
     written = plots.write_plots(experiment, experiment_dir, summary)
     notes_path = experiment_dir / NOTES_FILE
     notes = notes_path.read_text(encoding="utf-8") if notes_path.is_file() else None

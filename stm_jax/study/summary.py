@@ -8,20 +8,18 @@ trained it, so a study can be run in pieces. Numbers come only from those files.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
-from stm_jax.objective import objective_config
+from stm_jax import files
+from stm_jax.evaluation import RESULTS_FILE
 from stm_jax.study import claims
 from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
-from stm_jax.study.plan import read_json
+from stm_jax.trainer.workdir import CONFIG_FILE, SUMMARY_FILE, upgrade_config
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",
                   "barrier_step_fraction", "barrier_floor")
-# A key missing from an older run's config did not exist yet: the run did what the default does.
-OBJECTIVE_DEFAULTS = objective_config().to_dict()
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
 
 
@@ -76,8 +74,7 @@ def aggregate(values: list[float | None]) -> dict:
 
 def _settings(config: dict) -> dict:
     return {**{key: config.get(key) for key in CONFIG_KEYS},
-            **{f"objective.{key}": config.get("objective", {}).get(
-                key, OBJECTIVE_DEFAULTS.get(key)) for key in OBJECTIVE_KEYS},
+            **{f"objective.{key}": config.get("objective", {}).get(key) for key in OBJECTIVE_KEYS},
             **{f"model.{key}": config.get("model", {}).get(key) for key in MODEL_KEYS}}
 
 
@@ -88,9 +85,9 @@ def collect_runs(experiment: Experiment, experiment_dir: Path) -> list[dict]:
         folders = [p for p in (experiment_dir / "runs" / run.name).glob("seed*")
                    if p.name[4:].isdigit()]
         for folder in sorted(folders, key=lambda p: int(p.name[4:])):
-            summary = read_json(folder / "train_summary.json") or {}
-            results = read_json(folder / "eval_results.json") or {}
-            config = read_json(folder / "config.json") or {}
+            summary = files.read_json_or_none(folder / SUMMARY_FILE) or {}
+            results = files.read_json_or_none(folder / RESULTS_FILE) or {}
+            config = upgrade_config(files.read_json_or_none(folder / CONFIG_FILE) or {})
             if summary.get("status") != "finished" or results.get("step") != summary.get("step"):
                 continue
             found.append({"run": run.name, "seed": config.get("seed"), "step": summary["step"],
@@ -142,17 +139,6 @@ def evaluate_claims(experiment: Experiment, variants: dict[str, dict]) -> list[d
                                stat(CE_RUN, "infeasible_fraction"),
                                stat(BARRIER_RUN, "infeasible_fraction")),
     ]
-
-
-def json_safe(value):
-    """Strict JSON: non-finite floats become None."""
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def build_summary(experiment: Experiment, experiment_dir: Path, invocations: list[dict]) -> dict:

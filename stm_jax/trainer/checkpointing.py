@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stm_jax import files
+from stm_jax.errors import UserError
+
 _STATE = "state"
 _METADATA = "metadata"
 _MAX_LISTED = 5  # differing leaves / keys named in one error message
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be restored into this run; the message says which, why and what next."""
 
 
@@ -130,13 +133,15 @@ class Checkpointer:
         abstract_state: Any,
         *,
         expected_metadata: Mapping[str, Any] | None = None,
+        upgrade_metadata: Callable[[dict], dict] | None = None,
     ) -> tuple[Any, dict]:
         """Reads ``step`` into the structure, shapes, dtypes and shardings of ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (give them a ``sharding``, e.g.
         replicated for data parallelism, and the arrays are placed with it) or of concrete arrays.
-        Checks, in order: the step exists, the metadata equals ``expected_metadata`` (when
-        given), the tree matches leaf by leaf; only then are arrays read. Raises
+        Checks, in order: the step exists, the metadata (passed through ``upgrade_metadata``
+        first, when given: an older checkpoint's) equals ``expected_metadata`` (when given),
+        the tree matches leaf by leaf; only then are arrays read. Raises
         :class:`CheckpointError` on any failure and never touches the files.
         """
         step = int(step)
@@ -150,11 +155,13 @@ class Checkpointer:
         if not (path / _METADATA).is_dir():
             raise CheckpointError(
                 f"checkpoint {path} has no '{_METADATA}' item, so it was not written by "
-                "stm_jax.checkpointing and cannot be checked against this run. The workdir was "
-                "left untouched; use a fresh workdir."
+                "stm_jax.trainer.checkpointing and cannot be checked against this run. The "
+                "workdir was left untouched; use a fresh workdir."
             )
         metadata_args = ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
         metadata = self._read(step, path, metadata_args)[_METADATA]
+        if upgrade_metadata is not None:
+            metadata = upgrade_metadata(metadata)
         if expected_metadata is not None:
             _check_metadata(path, metadata, _as_json(expected_metadata))
         _check_tree(path, self._tree_metadata(step, path), abstract_state)
@@ -198,19 +205,9 @@ def _as_json(metadata: Mapping[str, Any]) -> dict:
         raise TypeError(f"checkpoint metadata must be plain JSON: {error}") from error
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{'model.d_model': 128, ...}``; other values are compared whole."""
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def _check_metadata(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     """Raises naming every key whose value differs, or that only one side has."""
-    found_flat, expected_flat = _flatten(found), _flatten(expected)
+    found_flat, expected_flat = files.flatten(found), files.flatten(expected)
     missing = object()
     differing = [
         key

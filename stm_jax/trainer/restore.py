@@ -14,7 +14,6 @@ saves, and never asked to save.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -23,35 +22,28 @@ from flax import nnx
 
 from stm_jax import data
 from stm_jax import model as model_lib
+from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, steps
-from stm_jax.trainer.loop import CHECKPOINT_DIR, CONFIG_FILE, checkpoint_metadata
-
-
-def read_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The full config training saved, vocabulary size included."""
-    path = workdir / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: {workdir} is not a training workdir (scripts/train.py "
-            "writes config.json when it starts). Pass the --workdir a training run used."
-        )
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore the original") from None
+from stm_jax.trainer.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    checkpoint_metadata,
+    read_config,
+    upgrade_metadata,
+)
 
 
 def read_vocab(workdir: Path, config) -> data.Vocab:
     """The training vocabulary; its size must be the model's, or ids would mean other chars."""
     path = workdir / data.VOCAB_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{path} does not exist; the checkpoints cannot be decoded without the vocabulary "
             "they were trained with. Restore the original vocab.json."
         )
     vocab = data.Vocab.load(path)
     if vocab.size != config.model.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{path} has {vocab.size} ids but {workdir / CONFIG_FILE} says "
             f"model.vocab_size={config.model.vocab_size}; the two files come from different runs."
         )
@@ -61,15 +53,15 @@ def read_vocab(workdir: Path, config) -> data.Vocab:
 def _choose_step(ckpt: checkpointing.Checkpointer, step: int | None, directory: Path) -> int:
     available = ckpt.all_steps()
     if not available:
-        raise FileNotFoundError(
+        raise UserError(
             f"{directory} holds no complete checkpoint yet; train first (checkpoints are "
             "written every config.checkpoint_every steps and at the end of a run)."
         )
     if step is None:
         return available[-1]
     if step not in available:
-        raise ValueError(f"there is no checkpoint of step {step} in {directory}; "
-                         f"complete steps: {available}")
+        raise UserError(f"there is no checkpoint of step {step} in {directory}; "
+                        f"complete steps: {available}")
     return step
 
 
@@ -93,23 +85,24 @@ def load_trained(
 ) -> tuple[model_lib.GPT, ml_collections.ConfigDict, data.Vocab, int]:
     """(model, config, vocab, step) from ``workdir``'s latest checkpoint, or from ``step``.
 
-    Raises FileNotFoundError for a workdir without config.json, vocab.json or any checkpoint,
-    ValueError for a step that is not there, and ``checkpointing.CheckpointError`` for a
-    checkpoint that belongs to another model or cannot be read.
+    Raises :class:`~stm_jax.errors.UserError` for a workdir without config.json, vocab.json
+    or any checkpoint, for a step that is not there, and (``checkpointing.CheckpointError``)
+    for a checkpoint that belongs to another model or cannot be read.
     """
     workdir = Path(workdir).expanduser()
     if not workdir.is_dir():
-        raise FileNotFoundError(f"workdir {workdir} does not exist or is not a directory")
+        raise UserError(f"workdir {workdir} does not exist or is not a directory")
     config = read_config(workdir)
     vocab = read_vocab(workdir, config)
     directory = workdir / CHECKPOINT_DIR
     if not directory.is_dir():  # the Checkpointer would create it
-        raise FileNotFoundError(
+        raise UserError(
             f"{workdir} has no {CHECKPOINT_DIR}/ folder: no checkpoint was saved yet. Train "
             "first, or pass the workdir of a finished run."
         )
     with checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
         step = _choose_step(ckpt, step, directory)
         state, _ = ckpt.restore(step, _abstract_state(config),
-                                expected_metadata=checkpoint_metadata(config, vocab))
+                                expected_metadata=checkpoint_metadata(config, vocab),
+                                upgrade_metadata=upgrade_metadata)
     return build_model(config, state["params"]), config, vocab, int(step)

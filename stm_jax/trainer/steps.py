@@ -1,8 +1,13 @@
-"""Pure training and evaluation steps over pytrees, and the state they update.
+"""Pure training and evaluation steps over pytrees, the state they update, and their programs.
 
 The train state is a plain dict ``{"params", "opt_state", "step", "skipped"}`` so that Orbax
 saves it as it is and ``jax.jit`` shards it with one ``NamedSharding``. The model is rebuilt
 inside the step from its graph definition (``nnx.merge``), so the steps stay pure functions.
+
+Each training step carries its barrier weight (``barrier_weights``): 1 on every step, or with
+the lazy barrier 1/q on a random fraction q of the steps and 0 on the others. One program is
+compiled per distinct weight (``compile_train_steps``, used by the trainer and the benchmark
+alike); a weight-0 program has no Jacobian work in it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,23 @@ from flax import nnx
 
 from stm_jax import model as model_lib
 from stm_jax import objective
+from stm_jax.errors import UserError
 from stm_jax.trainer import accumulation
+
+
+def validate_config(opt_cfg) -> None:
+    """Raise :class:`UserError` for an ``optimizer`` config that cannot train."""
+    if not opt_cfg.learning_rate > 0 or opt_cfg.min_learning_rate < 0:
+        raise UserError(f"optimizer.learning_rate={opt_cfg.learning_rate} must be positive and "
+                        f"optimizer.min_learning_rate={opt_cfg.min_learning_rate} >= 0")
+    if opt_cfg.warmup_steps < 0:
+        raise UserError(f"optimizer.warmup_steps={opt_cfg.warmup_steps} must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= opt_cfg[key] < 1:
+            raise UserError(f"optimizer.{key}={opt_cfg[key]} must be in [0, 1)")
+    if opt_cfg.weight_decay < 0 or not opt_cfg.grad_clip > 0:
+        raise UserError(f"optimizer.weight_decay={opt_cfg.weight_decay} must be >= 0 and "
+                        f"optimizer.grad_clip={opt_cfg.grad_clip} positive")
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
@@ -24,8 +45,7 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
     ``optimizer.decay_steps`` <= 0 (the default) decays over the whole run, ``num_steps``; set
     it explicitly (nanoGPT's lr_decay_iters) to stop a run early on the same schedule.
     """
-    horizon = opt_cfg.get("decay_steps", -1)
-    horizon = num_steps if horizon <= 0 else horizon
+    horizon = num_steps if opt_cfg.decay_steps <= 0 else opt_cfg.decay_steps
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
         decay_steps=max(horizon, opt_cfg.warmup_steps + 1), end_value=opt_cfg.min_learning_rate)
@@ -74,36 +94,27 @@ def step_key(seed: int, step) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
-def lazy_barrier(config) -> bool:
-    """Whether the barrier is evaluated on a random fraction of steps only."""
-    return config.objective.lambda_m > 0 and config.objective.get(
-        "barrier_step_fraction", 1.0) < 1.0
+def barrier_weights(config) -> np.ndarray:
+    """The barrier weight of each of the ``config.num_steps`` training steps, (num_steps,).
 
-
-def barrier_draws(config) -> tuple[bool | None, ...]:
-    """The ``barrier_selected`` value of each train-step program to compile: (True, False)
-    for the lazy barrier (a step with it and one without), else (None,)."""
-    return (True, False) if lazy_barrier(config) else (None,)
-
-
-def barrier_schedule(config, num_steps: int) -> np.ndarray | None:
-    """Which of steps 0 .. num_steps - 1 evaluate the barrier when
-    ``objective.barrier_step_fraction`` < 1 (each drawn from its step's key, so a resumed run
-    draws the same), or None when every step does."""
-    if not lazy_barrier(config):
-        return None
-    fraction = config.objective.barrier_step_fraction
+    1 on every step, unless ``objective.barrier_step_fraction`` q < 1 with a barrier (lazy
+    regularisation): then each step evaluates the barrier with probability q, drawn from its
+    step key so a resumed run draws the same, weighted 1/q (unbiased), and the others carry 0.
+    """
+    weights = step_weights(config)
+    if len(weights) == 1:
+        return np.full(config.num_steps, weights[0], np.float32)
+    step_fraction = config.objective.barrier_step_fraction
     draw = lambda step: objective.barrier_step_selected(  # noqa: E731
-        step_key(config.seed, step), fraction)
-    return np.asarray(jax.jit(jax.vmap(draw))(jnp.arange(num_steps)))
+        step_key(config.seed, step), step_fraction)
+    selected = np.asarray(jax.jit(jax.vmap(draw))(jnp.arange(config.num_steps)))
+    return np.where(selected, weights[1], weights[0]).astype(np.float32)
 
 
 def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
-                    barrier_selected: bool | None = None):
-    """``train_step(state, inputs, targets) -> (state, metrics)``; jit it with shardings.
-
-    With the lazy barrier (``barrier_schedule`` not None) build one step with
-    ``barrier_selected=True`` and one with False, and run each on its scheduled steps.
+                    barrier_weight: float = 1.0):
+    """``train_step(state, inputs, targets) -> (state, metrics)`` for steps of one barrier
+    weight (``barrier_weights``); jit it with shardings (``compile_train_steps``).
 
     With ``config.microbatches`` = k > 1 the batch is processed as k sequential microbatches
     and their gradients averaged (``accumulation.py``): the same gradient in less memory.
@@ -113,14 +124,14 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
     ``config.nonfinite_policy``.
     """
     objective_cfg = config.objective
-    microbatches = config.get("microbatches", 1)
+    microbatches = config.microbatches
 
     def train_step(state, inputs, targets):
         def loss_fn(params, inputs, targets, dropout_key):
             model = nnx.merge(graphdef, params)
             return objective.map_objective(model, inputs, targets, objective_cfg,
                                            dropout_key=dropout_key,
-                                           barrier_selected=barrier_selected,
+                                           barrier_weight=barrier_weight,
                                            batch_tokens=inputs.size * microbatches)
 
         (loss, aux), grads = accumulation.accumulate(
@@ -142,6 +153,32 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
         return new_state, metrics
 
     return train_step
+
+
+def step_weights(config) -> tuple[float, ...]:
+    """The barrier weights a config's steps can carry: (1,), or (0, 1/q) for the lazy barrier."""
+    step_fraction = config.objective.barrier_step_fraction
+    if config.objective.lambda_m == 0 or step_fraction >= 1:
+        return (1.0,)
+    return (0.0, float(np.float32(1 / step_fraction)))
+
+
+def compile_train_steps(graphdef, config, tx: optax.GradientTransformation, state, inputs,
+                        targets, *, state_sharding=None, batch_sharding=None) -> dict:
+    """``{barrier weight: compiled train step}`` for every weight of ``step_weights``.
+
+    With shardings the programs take the state as ``state_sharding`` places it and the batch
+    as ``batch_sharding`` does, and donate the state's buffers; without, they run where their
+    inputs are. ``state``, ``inputs`` and ``targets`` fix the shapes.
+    """
+    weights = step_weights(config)
+    shardings = {}
+    if state_sharding is not None:
+        shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                         out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+    return {weight: jax.jit(make_train_step(graphdef, config, tx, barrier_weight=weight),
+                            **shardings).lower(state, inputs, targets).compile()
+            for weight in weights}
 
 
 def make_eval_step(graphdef, objective_cfg):

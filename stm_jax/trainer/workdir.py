@@ -1,4 +1,12 @@
-"""The training workdir: checked before any work starts, and held by one run at a time.
+"""The training workdir: its files, the checks made before a run writes anything, and its lock.
+
+A workdir belongs to one model: ``config.json`` (the whole config, vocabulary size included),
+``vocab.json``, ``checkpoints/``, ``metrics.jsonl`` and ``train_summary.json``. Everything a
+run checks about it is read-only (``preflight``), so a refused run leaves it as it was; only
+``create`` writes, once every check has passed.
+
+``read_config`` is the one place a saved config is read, and upgrades one written before a
+key existed (``LEGACY_VALUES``).
 
 Two runs writing the same checkpoints and metrics file would interleave and corrupt each other,
 so a run takes an exclusive ``fcntl.flock`` on ``workdir/.lock``. The kernel drops a flock when
@@ -13,23 +21,131 @@ import fcntl
 import os
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import ml_collections
+
+from stm_jax import files
+from stm_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "train_summary.json"
+CHECKPOINT_DIR = "checkpoints"
 LOCK_NAME = ".lock"
 
+# Keys added to the configs after workdirs were already written, with the value that does
+# what a run written before the key existed did. Not defaults (configs/common.py has those):
+# barrier_sampling, for one, defaults to "per_sequence" but older runs drew "shared" subsets.
+LEGACY_VALUES = {
+    "microbatches": 1,
+    "peak_flops": 0.0,
+    "optimizer.decay_steps": -1,
+    "objective.barrier_fraction": 1.0,
+    "objective.barrier_sampling": "shared",
+    "objective.barrier_step_fraction": 1.0,
+    "objective.barrier_floor": float("-inf"),
+    "objective.chunk_size": 0,
+}
 
-class WorkdirError(ValueError):
+
+class WorkdirError(UserError):
     """The workdir cannot be used; the message says why and what to do."""
 
 
-def prepare_workdir(path: str | Path) -> Path:
-    """Creates ``path`` if missing and checks it is a writable directory; returns it resolved.
+# ---------------------------------------------------------------------------------------------
+# The saved config
 
-    Failing here, before data loading and compilation, beats failing at the first checkpoint.
-    """
-    workdir = Path(path).expanduser()
+
+def upgrade_config(saved: Mapping[str, Any]) -> dict:
+    """A saved config (nested dict) with every key of ``LEGACY_VALUES`` it lacks filled in."""
+    upgraded = files.from_json(dict(saved))
+    for key, value in LEGACY_VALUES.items():
+        *sections, name = key.split(".")
+        node = upgraded
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    return upgraded
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``workdir/config.json`` as training saved it (vocabulary size included), upgraded."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise WorkdirError(
+            f"{path} does not exist: {workdir} is not a training workdir (scripts/train.py "
+            "writes config.json when it starts). Pass the --workdir a training run used.")
+    try:
+        saved = files.read_json(path)
+    except (OSError, ValueError) as error:
+        raise WorkdirError(f"{path} is unreadable ({error}); restore it, or use a fresh "
+                           "--workdir") from None
+    return ml_collections.ConfigDict(upgrade_config(saved))
+
+
+def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any],
+                ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"model.d_model: 128 -> 64"`` for each flattened key whose value differs (keys
+    starting with an ``ignore`` prefix are skipped)."""
+    old, new = files.flatten(saved), files.flatten(wanted)
+    keys = sorted(key for key in old.keys() | new.keys() if not key.startswith(ignore)
+                  and old.get(key, "<absent>") != new.get(key, "<absent>"))
+    return [f"{key}: {old.get(key, '<absent>')} -> {new.get(key, '<absent>')}" for key in keys]
+
+
+def checkpoint_metadata(config, vocab) -> dict:
+    """What a checkpoint must agree on to be resumed: model shape and vocabulary."""
+    return {"model": config.model.to_dict(), "vocab": "".join(vocab.chars),
+            "vocab_unknown": vocab.unknown}
+
+
+def upgrade_metadata(metadata: Mapping[str, Any]) -> dict:
+    """A checkpoint's stored metadata with its model config upgraded like ``read_config``."""
+    return {**metadata, "model": upgrade_config({"model": metadata.get("model", {})})["model"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before a run, and creating the folder
+
+
+def check_path(workdir: str | os.PathLike) -> Path:
+    """The workdir as a path, refused (without creating anything) if it cannot be a folder."""
+    workdir = Path(workdir).expanduser()
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} exists but is not a directory; pass a directory.")
+    ancestor = workdir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not workdir.exists() and not ancestor.is_dir():
+        raise WorkdirError(f"cannot create workdir {workdir}: {ancestor} is not a directory; "
+                           "pass a path whose parent folders are directories.")
+    return workdir
+
+
+def preflight(workdir: str | os.PathLike, config) -> Path:
+    """Read-only checks of a workdir for ``config``: a usable path, and a saved config (if
+    any) for the same model. Returns the path."""
+    workdir = check_path(workdir)
+    if not (workdir / CONFIG_FILE).exists():
+        return workdir
+    saved = read_config(workdir).model.to_dict()
+    changed = differences({"model": saved}, {"model": config.model.to_dict()},
+                          ignore=("model.vocab_size",))
+    if changed:
+        raise WorkdirError(f"{workdir / CONFIG_FILE} was written for a different model "
+                           f"({', '.join(changed)}); use a fresh --workdir or the original "
+                           "config")
+    return workdir
+
+
+def create(workdir: str | os.PathLike) -> Path:
+    """Creates the workdir if missing and checks it is writable; returns it resolved.
+
+    Failing here, before compilation, beats failing at the first checkpoint.
+    """
+    workdir = check_path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -58,6 +174,10 @@ def _check_writable(workdir: Path) -> None:
         ) from error
 
 
+# ---------------------------------------------------------------------------------------------
+# One run at a time
+
+
 class WorkdirLock:
     """Exclusive, non-blocking lock on ``workdir/.lock`` for the life of a training run.
 
@@ -77,10 +197,6 @@ class WorkdirLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def acquire(self) -> None:
         """Takes the lock or raises :class:`WorkdirError` naming the holder's pid."""

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from stm_jax.errors import UserError
 
-class ChecksumError(ValueError):
+
+class ChecksumError(UserError):
     """A raw file's sha256 differs from the published digest."""
 
 
@@ -54,7 +56,7 @@ def decode_utf8(data: bytes, source: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         bad = data[err.start : err.end]
-        raise ValueError(
+        raise UserError(
             f"{source} is not valid UTF-8: byte offset {err.start} ({bad!r}): {err.reason}. "
             "Convert the file to UTF-8 (e.g. `iconv -t UTF-8`)."
         ) from None
@@ -98,7 +100,7 @@ def download_first(dl_manager: tfds.download.DownloadManager, urls: Sequence[str
             return Path(dl_manager.download(url))
         except Exception as err:  # any failure (network, HTTP status): try the next mirror
             errors.append(f"  {url}: {type(err).__name__}: {err}")
-    raise ConnectionError(
+    raise UserError(
         "could not download the raw data from any URL:\n" + "\n".join(errors) + "\n"
         "Offline, put the raw files in a folder and pass it as manual_dir."
     )

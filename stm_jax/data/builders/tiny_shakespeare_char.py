@@ -13,6 +13,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from stm_jax.data.builders import common
+from stm_jax.errors import UserError
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FILENAME = "input.txt"
@@ -68,7 +69,7 @@ class TinyShakespeareChar(common.CharTextBuilder):
         else:
             found, missing = common.locate_files(manual_dir, [FILENAME], MANUAL_SUBDIRS)
             if missing:
-                raise FileNotFoundError(
+                raise UserError(
                     f"{FILENAME} not found in manual_dir {manual_dir} (nor in "
                     f"{manual_dir / MANUAL_SUBDIRS[0]}). {self.MANUAL_DOWNLOAD_INSTRUCTIONS} "
                     "Or give no manual_dir to download it."

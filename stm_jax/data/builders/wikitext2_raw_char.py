@@ -17,6 +17,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from stm_jax.data.builders import common
+from stm_jax.errors import UserError
 
 URLS = (
     "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
@@ -94,7 +95,7 @@ class Wikitext2RawChar(common.CharTextBuilder):
                     " Without wiki.train.raw, the 'proxy' config trains on wiki.test.raw and "
                     "validates on wiki.valid.raw (not comparable with WikiText-2 results)."
                 )
-            raise FileNotFoundError(
+            raise UserError(
                 f"{', '.join(missing)} not found in manual_dir {manual_dir} (nor in "
                 f"{manual_dir / ARCHIVE_DIR}). {self.MANUAL_DOWNLOAD_INSTRUCTIONS} Or give no "
                 f"manual_dir to download the archive.{hint}"
@@ -111,7 +112,7 @@ def _read_from_archive(archive: Path, filenames: list[str]) -> dict[str, tuple[b
             try:
                 blobs[filename] = (zf.read(member), f"{archive}!{member}")
             except KeyError:
-                raise ValueError(
+                raise UserError(
                     f"downloaded archive {archive} has no member {member}; it is not "
                     "wikitext-2-raw-v1.zip. Delete it and retry, or use manual_dir."
                 ) from None

@@ -1,0 +1,121 @@
+"""The benchmark's markdown: every measurement, the estimator's spread, the determinants
+alone, one barrier evaluation, and the targets with what was measured next to each.
+
+Pure formatting of the dict ``scripts/benchmark.py`` writes as ``benchmark.json``.
+"""
+
+from __future__ import annotations
+
+from stm_jax.bench.benchmark import ESTIMATOR_MODES, PEER_MODE
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of every measurement."""
+    header = ("| config | mode | microbatches | step ms | tokens/s | x CE time | peak MB | "
+              "x CE memory | MFU | barrier floor ms | overhead / floor | compile s |")
+    lines = [header, "|" + "---|" * 12]
+    number = lambda r, key, form: "-" if r.get(key) is None else format(r[key], form)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['mode']} | {r.get('microbatches', 1)} | "
+                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
+                     f"{number(r, 'peak_memory_mb', '.0f')} | "
+                     f"{number(r, 'memory_vs_ce', '.2f')} | {100 * r['mfu']:.1f}% | "
+                     f"{number(r, 'floor_ms', '.1f')} | {number(r, 'overhead_vs_floor', '.2f')} | "
+                     f"{r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _fraction_text(fraction: float) -> str:
+    """0.03125 -> "1/32", 1 -> "all"; fractions that are not one over a whole number as they
+    are."""
+    inverse = 1 / fraction
+    if abs(inverse - round(inverse)) >= 1e-9:
+        return f"{fraction:g}"
+    return "all" if round(inverse) == 1 else f"1/{round(inverse)}"
+
+
+def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> list[dict]:
+    """The issue's targets, each with the measured value next to it and whether it is met."""
+    by = {(r["config"], r["mode"]): r for r in rows}
+    targets = []
+
+    def add(name, measured, goal, met):
+        targets.append({"target": name, "measured": measured, "goal": goal, "met": bool(met)})
+
+    for config in dict.fromkeys(r["config"] for r in rows):
+        for mode in ("head", "head_chunked"):
+            if (config, mode) in by:
+                r = by[(config, mode)]
+                add(f"{config}: {mode} barrier peak memory / CE", f"{r['memory_vs_ce']:.2f}x",
+                    "<= 1.5x", r["memory_vs_ce"] <= 1.5)
+                add(f"{config}: {mode} barrier overhead / arithmetic floor",
+                    f"{r['overhead_vs_floor']:.2f}x", "<= 1.3x", r["overhead_vs_floor"] <= 1.3)
+        for mode in ESTIMATOR_MODES:
+            if (config, mode) in by:
+                r = by[(config, mode)]
+                positions = f"estimator on {_fraction_text(r['position_fraction'])} of positions"
+                what = (f"{positions}, step time" if "step_fraction" not in r else
+                        f"{positions} and {_fraction_text(r['step_fraction'])} of steps, "
+                        "mean step time")
+                add(f"{config}: {what} / CE", f"{r['step_vs_ce']:.2f}x", "<= 1.3x",
+                    r["step_vs_ce"] <= 1.3)
+        if (config, "ce") in by and (config, PEER_MODE) in by:
+            r, peer = by[(config, "ce")], by[(config, PEER_MODE)]
+            add(f"{config}: CE-only tokens/s vs nanoGPT ({peer['description']}), same run",
+                f"{r['tokens_per_s']:,.0f}", f">= {peer['tokens_per_s']:,.0f}",
+                r["tokens_per_s"] >= peer["tokens_per_s"])
+        elif config.startswith("shakespeare_char:cpu") and (config, "ce") in by:
+            r = by[(config, "ce")]
+            add(f"{config}: CE-only tokens/s (nanoGPT eager CPU ~{peer_tokens_per_s:,.0f})",
+                f"{r['tokens_per_s']:,.0f}", f">= {peer_tokens_per_s:,.0f}",
+                r["tokens_per_s"] >= peer_tokens_per_s)
+    return targets
+
+
+def targets_markdown(targets: list[dict]) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |"
+              for t in targets]
+    return "\n".join(lines)
+
+
+def _spread_table(spreads: list[dict]) -> str:
+    lines = ["| config | fraction | positions drawn | exact barrier | estimator mean | std | "
+             "relative std | relative std, on a fraction of steps |", "|---" * 8 + "|"]
+    lines += [f"| {s['config']} | {s['fraction']} | {s['sampling'].replace('_', ' ')} | "
+              f"{s['exact']:.5f} | {s['mean']:.5f} | {s['std']:.5f} | "
+              f"{s['relative_std']:.3f} | {s['lazy_relative_std']:.3f} "
+              f"(q = {s['step_fraction']:g}) |" for s in spreads]
+    return "\n".join(lines)
+
+
+def _determinants_table(determinants: list[dict]) -> str:
+    lines = ["| config | p x p blocks per step | slogdet forward + gradient | "
+             "whole barrier's arithmetic floor | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['blocks']:,} of {r['block_size']} x {r['block_size']} | "
+              f"{r['ms']:.1f} ms | {r['barrier_floor_ms']:.1f} ms | "
+              f"{r['determinants_vs_floor']:.2f}x |" for r in determinants]
+    return "\n".join(lines)
+
+
+def _single_table(single: list[dict]) -> str:
+    lines = ["| scope | pass | ms | XLA temporary MB |", "|---|---|---|---|"]
+    lines += [f"| {r['scope']} | {r['pass']} | {r['ms']:.1f} | {r['temp_mb']:.1f} |"
+              for r in single]
+    return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    """``benchmark.md`` from the measurements (``result["targets"]`` already evaluated)."""
+    sections = [result["machine"], "## Measurements", format_table(result["rows"])]
+    if result["estimator"]:
+        sections += ["## Barrier estimator spread (32 draws, initial parameters)",
+                     _spread_table(result["estimator"])]
+    if result["determinants"]:
+        sections += ["## The exact head barrier's determinants alone (LAPACK LU and two "
+                     "triangular solves per block)", _determinants_table(result["determinants"])]
+    if result["single_barrier"]:
+        sections += ["## One barrier evaluation (one sequence and layer, T=256, d=384, H=6, "
+                     "float32)", _single_table(result["single_barrier"])]
+    sections += ["## Targets", targets_markdown(result["targets"])]
+    return "\n\n".join(sections) + "\n"
