@@ -1,4 +1,4 @@
-"""Every setting a run reads, with its default, and the variant syntax ``configs/x.py:a,b``.
+"""Every setting a run reads, with its default, and the variant syntax ``configs/NAME.py:a,b``.
 
 This file is the one place defaults live: stm_jax reads every key it needs from the config
 and supplies none of its own. Variants are comma-separated words: an objective ("ce",

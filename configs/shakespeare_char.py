@@ -5,13 +5,9 @@ Default: 6 layers, 6 heads, d = 384, context 256, batch 64, dropout 0.2, lr 1e-3
 after about 3 minutes on an A100. It needs an accelerator.
 
 ``:cpu`` is nanoGPT's "I only have a CPU" recipe: 4 layers, 4 heads, d = 128, context 64,
-batch 12, 2000 steps, no dropout. nanoGPT reports validation loss 1.88 nats. Measured with
-stm_jax on a 2-core CPU (``:cpu,ce``): 95 s of training (about 19k tokens/s), validation
-loss 1.886 nats on the in-training estimate (20 batches), 1.901 nats (2.743 BPC) on the
-whole validation split (``scripts/evaluate.py``). With the exact barrier (``:cpu,margin``)
-a step costs about 7-8x a CE-only one on CPU; with its estimator on 1/32 of the positions
-(``--config.objective.barrier_fraction=0.03125``, 2 per sequence) about 1.2-1.3x: see the
-README's benchmark.
+batch 12, 2000 steps, no dropout; nanoGPT reports validation loss 1.88 nats. It trains in
+minutes on a laptop CPU; the README's results table gives what stm_jax measured, and its
+"Choosing a barrier mode" what each barrier mode costs per step.
 
 Objectives: ``:ce`` (default), ``:margin`` (lambda_m = 0.02), ``:map``; combine as
 ``:cpu,margin``. Offline, point at the local file: ``--config.data.text_file=.../input.txt``
@@ -30,8 +26,8 @@ def get_config(arg: str | None = None):
         config.num_steps = 2000
         config.batch_size = 12
         config.model.update(num_layers=4, num_heads=4, d_model=128, context=64, dropout=0.0)
-        # Two microbatches of 6: the same gradient, and about 20% faster per step on a
-        # 2-core CPU (scripts/benchmark.py times both: modes "ce" and "ce_one_microbatch").
+        # Two microbatches of 6: the same gradient, and faster per step on a small CPU
+        # (scripts/benchmark.py times both: modes "ce" and "ce_one_microbatch").
         config.microbatches = 2
         config.eval_every = 250
         config.eval_batches = 20

@@ -1,6 +1,6 @@
 """A tiny character model for tests, notebooks and smoke runs.
 
-Expected: about 10-20 s on one CPU core for 60 steps (compile included); the loss falls
+Expected: seconds on one CPU core for its 60 steps, most of it compiling; the loss falls
 from ln(vocab) but the model learns little. Use with any text file:
 
     python scripts/train.py --config=configs/tiny.py:margin --workdir=runs/tiny \\

@@ -22,8 +22,8 @@ from stm_jax.study import reproduce
 flags.DEFINE_string("experiment", None, "shakespeare_cpu, wikitext2_cpu or shakespeare_full.")
 flags.DEFINE_integer("seeds", 3, "Seeds 0 .. seeds-1 for every run.")
 flags.DEFINE_list("runs", [], "Only these runs (comma-separated names); default: all.")
-flags.DEFINE_integer("jobs", 1, "Trainings to run at the same time. On 2 cores, 2 gave about "
-                     "1.2x the throughput of 1 (each run at 0.6x its speed alone).")
+flags.DEFINE_integer("jobs", 1, "Trainings to run at the same time (the README says what 2 "
+                     "bought on 2 cores).")
 flags.DEFINE_multi_string("override", [], "key=value, passed to every run as --config.key=value "
                           "(repeatable), e.g. to shrink an experiment.")
 flags.DEFINE_string("data_root", None, "Folder with tinyshakespeare/input.txt and "

@@ -126,7 +126,8 @@ class Block(nnx.Module):
             stats["residual_sq"] = jnp.sum(residual**2, axis=-1)  # ||e_t||^2, (B, T)
         x = x + dropout(out.astype(x.dtype), self.dropout_rate, attn_key)
         # The MLP on (B T, d) rows: with 3-D activations XLA transposes the (B T, 4d) hidden
-        # gradient (GELU's backward included) for the weight gradient, about 15% of a CE step.
+        # gradient (GELU's backward included) for the weight gradient, a large part of a CE
+        # step on CPU (the README's performance notes).
         rows = self.ln_mlp(x).astype(dtype).reshape(-1, x.shape[-1])
         mlp_out = self.proj(jax.nn.gelu(self.fc(rows))).reshape(x.shape)
         x = x + dropout(mlp_out.astype(x.dtype), self.dropout_rate, mlp_key)

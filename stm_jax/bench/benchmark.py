@@ -78,8 +78,8 @@ def _compile(config, inputs):
 
 def _timed_second_pass(calls: list) -> list[float]:
     """Seconds of each call in the second of two passes over ``calls``. The untimed first
-    pass matters: right after another mode (the 1.4 GB layer step especially) a step ran up
-    to 1.6x slower than on its own."""
+    pass matters: right after another mode (the large layer-scope step especially) a step
+    runs slower than on its own."""
     for call in calls:
         call()
     times = []

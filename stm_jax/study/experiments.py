@@ -95,10 +95,10 @@ WIKITEXT2_PROXY = DataSource(
     prepared_by_tfds=True,
 )
 
-# On CPU the exact head barrier makes a step about 7x CE-only (scripts/benchmark.py); the
-# unbiased estimator over 1/8 of the positions brings it to about 1.8x, so the sweeps fit on a
-# CPU (1/32 is cheaper still, 1.2-1.3x, but the recorded runs used 1/8). Evaluation is always
-# exact. The recorded runs took each batch in one pass and drew one subset of positions for
+# On CPU the exact head barrier makes a step several times a CE-only one; the unbiased
+# estimator over 1/8 of the positions brings it close, so the sweeps fit on a CPU (1/32 is
+# cheaper still, but the recorded runs used 1/8; benchmarks/ has the figures). Evaluation is
+# always exact. The recorded runs took each batch in one pass and drew one subset of positions for
 # the whole batch: new seeds must too (microbatches draw per microbatch, and the default
 # per-sequence subsets are another random stream).
 CPU_DEFAULTS = (("objective.barrier_fraction", 0.125), ("objective.barrier_sampling", "shared"),

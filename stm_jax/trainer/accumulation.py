@@ -6,8 +6,7 @@ losses and gradients is the whole batch's, up to float rounding. Only the random
 differ: microbatch j uses ``fold_in(key, j)`` for dropout and the barrier's positions.
 
 Why: activations of 1/k of the batch are live at a time. That bounds memory and, on a small
-CPU, can be faster: on the 2-core benchmark machine two microbatches of 6 made nanoGPT's CPU
-recipe's CE step about 20% faster than one batch of 12 (likely a cache effect).
+CPU, can be faster (a smaller working set; ``benchmarks/cpu_small`` times both).
 """
 
 from __future__ import annotations
