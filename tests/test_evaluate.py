@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _train_helpers import snapshot
+from _train_helpers import snapshot, write_text
 
 from configs import tiny
 from stm_jax import data, evaluation
@@ -41,11 +41,8 @@ SETTINGS = dict(sigmas=(0.0, 0.5, 1.0), max_batches=MAX_BATCHES, margin_batches=
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny model trained for 10 steps on a synthetic text (shared by every test)."""
-    rng = np.random.default_rng(0)
-    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis"]
-    text = "\n".join(" ".join(rng.choice(words, size=10)) for _ in range(300))
     root = tmp_path_factory.mktemp("evaluate")
-    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    write_text(root / "corpus.txt", num_lines=300)
     config = tiny.get_config()
     config.data.text_file = str(root / "corpus.txt")
     config.update(num_steps=10, progress=False, checkpoint_every=10)

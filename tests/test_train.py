@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _train_helpers import write_text
 
 from configs import tiny
 from stm_jax.errors import UserError
@@ -21,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis"]
-    lines = [" ".join(rng.choice(words, size=10)) for _ in range(600)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text(tmp_path_factory.mktemp("data") / "corpus.txt", num_lines=600)
 
 
 def tiny_config(text_file, variant="margin", **overrides):

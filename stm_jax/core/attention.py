@@ -151,24 +151,35 @@ def _weighted_outer_sum(attn: jax.Array, left: jax.Array, right: jax.Array) -> j
     return jnp.matmul(attn, outer).reshape(heads, num_rows, p, width)
 
 
+def _block_rows(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
+    """Rows h of B_t for the rows' tokens, (H, n, p, w), from the weight products arranged as
+    rows too, (H, p, w): w = H p columns (all blocks g) or p (the diagonal block g = h).
+
+    Row h is [C_t^h P_Q^h. + a_tt^h (v_t^h - o_t^h)(q_t^h)^T P_K^h.] / sqrt(p) + a_tt^h P_V^h.,
+    with C_t^h = sum_s a_ts^h v_s^h (k_s^h)^T - o_t^h (kbar_t^h)^T.
+    """
+    head_dim = rows.q.shape[-1]
+    k_proj = jnp.einsum("hsi,hiw->hsw", m.k, pq)
+    kbar_proj = jnp.einsum("hti,hiw->htw", rows.kbar, pq)
+    q_proj = jnp.einsum("hti,hiw->htw", rows.q, pk)
+    cross = _weighted_outer_sum(rows.attn, m.v, k_proj)  # (H, n, p, w)
+    own = rows.a_self[..., None] * (rows.v_self - rows.o)
+    cross += own[..., :, None] * q_proj[..., None, :]
+    cross -= rows.o[..., :, None] * kbar_proj[..., None, :]
+    return cross / jnp.sqrt(head_dim) + rows.a_self[:, :, None, None] * pv[:, None]
+
+
 def layer_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
     """B_t of math.md section 2 for the rows' tokens: (n, H p, H p), det J_t = det(I - B_t).
 
     Block (h, g) is [C_t^h P_Q^hg + a_tt^h (v_t^h - o_t^h)(q_t^h)^T P_K^hg] / sqrt(p)
-    + a_tt^h P_V^hg, with C_t^h = sum_s a_ts^h v_s^h (k_s^h)^T - o_t^h (kbar_t^h)^T.
+    + a_tt^h P_V^hg; pq, pk, pv: the products P_X[h, g], (H, H, p, p) (``weight_products``).
     """
     num_heads, num_rows, head_dim = rows.q.shape
-    k_proj = jnp.einsum("hsi,hgij->hsgj", m.k, pq).reshape(num_heads, -1, num_heads * head_dim)
-    kbar_proj = jnp.einsum("hti,hgij->htgj", rows.kbar, pq).reshape(num_heads, num_rows, -1)
-    q_proj = jnp.einsum("hti,hgij->htgj", rows.q, pk).reshape(num_heads, num_rows, -1)
-    cross = _weighted_outer_sum(rows.attn, m.v, k_proj)  # (H, n, p, H p)
-    own = rows.a_self[..., None] * (rows.v_self - rows.o)
-    cross += own[..., :, None] * q_proj[..., None, :]
-    cross -= rows.o[..., :, None] * kbar_proj[..., None, :]
-    value_term = rows.a_self[:, :, None, None] * jnp.moveaxis(pv, 2, 1).reshape(
-        num_heads, 1, head_dim, -1)
-    blocks = cross / jnp.sqrt(head_dim) + value_term  # (H, n, p, H p)
-    return jnp.moveaxis(blocks, 0, 1).reshape(num_rows, num_heads * head_dim, -1)
+    width = num_heads * head_dim
+    as_rows = lambda x: jnp.moveaxis(x, 1, 2).reshape(num_heads, head_dim, width)  # noqa: E731
+    blocks = _block_rows(m, rows, as_rows(pq), as_rows(pk), as_rows(pv))  # (H, n, p, H p)
+    return jnp.moveaxis(blocks, 0, 1).reshape(num_rows, width, width)
 
 
 def head_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
@@ -176,15 +187,7 @@ def head_block_matrix(m: Moments, rows: QueryRows, pq, pk, pv) -> jax.Array:
 
     pq, pk, pv: the diagonal products P_X[h, h], (H, p, p) (``head_weight_products``).
     """
-    head_dim = rows.q.shape[-1]
-    k_proj = jnp.einsum("hsi,hij->hsj", m.k, pq)
-    kbar_proj = jnp.einsum("hti,hij->htj", rows.kbar, pq)
-    q_proj = jnp.einsum("hti,hij->htj", rows.q, pk)
-    cross = _weighted_outer_sum(rows.attn, m.v, k_proj)
-    own = rows.a_self[..., None] * (rows.v_self - rows.o)
-    cross += own[..., :, None] * q_proj[..., None, :]
-    cross -= rows.o[..., :, None] * kbar_proj[..., None, :]
-    return cross / jnp.sqrt(head_dim) + rows.a_self[:, :, None, None] * pv[:, None]
+    return _block_rows(m, rows, pq, pk, pv)
 
 
 def _slogdet_identity_minus(b: jax.Array) -> tuple[jax.Array, jax.Array]:

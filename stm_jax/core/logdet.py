@@ -2,9 +2,10 @@
 
 ``jnp.linalg.slogdet``'s reverse-mode rule (linearise, then transpose a ``solve``) ran many
 times slower than its forward pass on the barrier's thousands of small blocks per layer, and
-was the bulk of a barrier training step on CPU. Here the forward pass is one LU factorisation, and the
-derivative reuses it: two triangular solves give A^{-T}. A custom JVP (not VJP) keeps forward
-mode (``jax.jacfwd``) working too; reverse mode transposes the linear tangent map.
+was the bulk of a barrier training step on CPU. Here the forward pass is one LU
+factorisation, and the derivative reuses it: two triangular solves give A^{-T}. A custom JVP
+(not VJP) keeps forward mode (``jax.jacfwd``) working too; reverse mode transposes the linear
+tangent map.
 """
 
 from __future__ import annotations

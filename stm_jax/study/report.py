@@ -7,6 +7,7 @@ is in the summary too. Means are followed by +- the sample standard deviation ov
 from __future__ import annotations
 
 from stm_jax.study import claims
+from stm_jax.study.claims import PAPER
 from stm_jax.study.experiments import BARRIER_RUN, CE_RUN
 from stm_jax.trainer.metrics import format_duration
 
@@ -114,7 +115,8 @@ def clean_section(summary: dict, tables: _Tables) -> list[str]:
               f"Margin-only (lambda_m = 0.02) vs CE-only: "
               f"{'-' if barrier is None else f'{barrier:.4f}'} vs "
               f"{'-' if ce is None else f'{ce:.4f}'} BPC, relative difference "
-              f"{_relative(barrier, ce)} (paper: CE 2.122, margin 2.158, +1.7%). Absolute BPC "
+              f"{_relative(barrier, ce)} (paper: CE {PAPER['ce_clean_bpc']}, margin "
+              f"{PAPER['margin_clean_bpc']}, +{PAPER['clean_cost']:.1%}). Absolute BPC "
               "is not comparable with the paper's (other data and scale); the relative "
               "difference is.", ""]
     return lines
@@ -141,7 +143,7 @@ def robustness_section(summary: dict, tables: _Tables) -> list[str]:
                                  "each token's embedding RMS."), "",
               f"Barrier (lambda_m = 0.02) minus CE-only in top-1 accuracy at sigma = {sigma}: "
               f"{gain['absolute']} points with absolute noise, {gain['relative']} with relative "
-              "noise (paper: +12 points).", ""]
+              f"noise (paper: +{PAPER['accuracy_gain_points']:g} points).", ""]
     return lines
 
 
@@ -161,7 +163,8 @@ def sweep_section(summary: dict, tables: _Tables) -> list[str]:
     lines += ["", tables.caption(f"Validation BPC against lambda_m ({claims.NOISE_MODE} noise; "
                                  "CE-only as lambda_m = 0); bold: the minimum under noise."), "",
               f"lambda_m minimising BPC at sigma = {claims.SIGMA:g}: "
-              f"{'not determined' if best is None else f'{best:g}'} (paper: 0.02).", ""]
+              f"{'not determined' if best is None else f'{best:g}'} "
+              f"(paper: {PAPER['best_lambda_m']:g}).", ""]
     return lines
 
 
