@@ -168,3 +168,12 @@ def test_no_measured_timings_in_comments_or_docstrings():
              for match in TIMING.finditer(re.sub(r"``.*?``", "", text, flags=re.S))]
     assert not found, "\n".join(found)
     assert TIMING.search("# a step took 42.1 ms") and TIMING.search("(about 19k tokens/s)")
+
+
+def test_the_readme_architecture_names_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Architecture"):]
+    modules = {p.name for p in (ROOT / "stm_jax").rglob("*.py") if p.name != "__init__.py"
+               and "builders" not in p.parts}
+    missing = sorted(name for name in modules if name not in section)
+    assert not missing, missing
