@@ -47,6 +47,8 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         num_layers=4, num_heads=4, d_model=128, context=64, dropout=0.0,
         tie_embeddings=True, use_bias=False, mlp_ratio=4,
+        attention_bias=False,  # biases on q, k, v and the attention output (GPT-2 has them)
+        layer_norm_eps=1e-6,  # GPT-2: 1e-5
         dtype="float32",  # matmul dtype; "bfloat16" on accelerators (softmax, losses,
                           # determinants stay float32)
         vocab_size=-1,  # filled in from the data
@@ -61,7 +63,15 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         name="tiny_shakespeare", text_file="", val_fraction=0.1, split_style="nanogpt",
         data_dir="", manual_dir="", wikitext_proxy=False,
+        # "char", "bpe" (a byte-level BPE of vocab_size tokens trained on the train split) or
+        # the path of a tokenizer.json (GPT-2's); subword splits are memory-mapped token files
+        # in cache_dir ("" means ~/.cache/stm_jax/tokens), see stm_jax/data/corpus.py.
+        tokenizer="char", vocab_size=8192, cache_dir="",
     ))
+
+    # A Hugging Face GPT-2 directory to start from (its architecture replaces the model's;
+    # data.tokenizer must be its tokenizer.json); "" trains from a random initialisation.
+    config.init_from = ""
 
     config.log_every = 50
     config.eval_every = 250

@@ -12,33 +12,42 @@ read back as floats. A NaN loss is exactly the record someone will want to read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at ``path`` whole when the block ends (and not at
+    all if it raises): for files written in pieces, such as token files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as file:
-            file.write(payload)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    with open_atomic(path) as file:
+        file.write(payload)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

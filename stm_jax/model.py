@@ -63,6 +63,8 @@ def validate_config(model_cfg) -> None:
                         f"model.num_heads={model_cfg.num_heads}; choose num_heads dividing it")
     if not 0.0 <= model_cfg.dropout < 1.0:
         raise UserError(f"model.dropout={model_cfg.dropout} must be in [0, 1)")
+    if not 0 < model_cfg.layer_norm_eps < 1:
+        raise UserError(f"model.layer_norm_eps={model_cfg.layer_norm_eps} must be in (0, 1)")
     if model_cfg.dtype not in DTYPES:
         raise UserError(f"model.dtype={model_cfg.dtype!r}; expected one of {DTYPES}")
 
@@ -80,6 +82,12 @@ def at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """The model's LayerNorm: epsilon ``model.layer_norm_eps`` (GPT-2: 1e-5)."""
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, use_bias=cfg.use_bias,
+                         rngs=rngs)
+
+
 def _split_or_none(key: jax.Array | None, num: int) -> list:
     return [None] * num if key is None else list(jax.random.split(key, num))
 
@@ -91,12 +99,17 @@ class Block(nnx.Module):
         d, heads, head_dim = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
         std, proj_std = 0.02, 0.02 / (2 * cfg.num_layers) ** 0.5  # nanoGPT's initialisation
         normal = lambda shape, s: nnx.Param(s * jax.random.normal(rngs.params(), shape))  # noqa: E731
-        self.ln_attn = nnx.LayerNorm(d, use_bias=cfg.use_bias, rngs=rngs)
+        self.ln_attn = layer_norm(cfg, rngs)
         self.wq = normal((d, heads, head_dim), std)
         self.wk = normal((d, heads, head_dim), std)
         self.wv = normal((d, heads, head_dim), std)
         self.wo = normal((heads, head_dim, d), proj_std)
-        self.ln_mlp = nnx.LayerNorm(d, use_bias=cfg.use_bias, rngs=rngs)
+        if cfg.attention_bias:  # GPT-2's q, k, v and output biases (core/attention.py)
+            zeros = lambda shape: nnx.Param(jnp.zeros(shape))  # noqa: E731
+            self.bq, self.bk, self.bv = (zeros((heads, head_dim)) for _ in range(3))
+            self.bo = zeros((d,))
+        self.attention_bias = cfg.attention_bias
+        self.ln_mlp = layer_norm(cfg, rngs)
         init = nnx.initializers.normal(std)
         self.fc = nnx.Linear(d, cfg.mlp_ratio * d, use_bias=cfg.use_bias, kernel_init=init,
                              rngs=rngs)
@@ -105,7 +118,9 @@ class Block(nnx.Module):
         self.dropout_rate = cfg.dropout
 
     def attention_params(self, dtype=None) -> dict:
-        params = {"wq": self.wq[...], "wk": self.wk[...], "wv": self.wv[...], "wo": self.wo[...]}
+        names = ("wq", "wk", "wv", "wo") + (("bq", "bk", "bv", "bo") if self.attention_bias
+                                            else ())
+        params = {name: getattr(self, name)[...] for name in names}
         return params if dtype is None else jax.tree.map(lambda w: w.astype(dtype), params)
 
     def __call__(self, x, *, record: Record, dtype, key):
@@ -148,7 +163,7 @@ class GPT(nnx.Module):
         self.token_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs)
         self.position_embed = nnx.Param(init(rngs.params(), (cfg.context, cfg.d_model)))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.ln_final = nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias, rngs=rngs)
+        self.ln_final = layer_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
                                       kernel_init=init, rngs=rngs)

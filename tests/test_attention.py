@@ -61,6 +61,42 @@ def test_closed_form_matches_autodiff_blocks(x64, seed, d, heads, head_dim, toke
         np.testing.assert_allclose(head_margins[h], expected_margins, atol=1e-9, rtol=0)
 
 
+def with_biases(params, seed: int, scale: float = 1.0) -> dict:
+    """GPT-2-style biases on q, k, v and the output, drawn by NumPy."""
+    rng = np.random.default_rng(seed + 1000)
+    heads, head_dim, d = params["wo"].shape
+    biases = {name: scale * rng.standard_normal((heads, head_dim)) for name in ("bq", "bk", "bv")}
+    biases["bo"] = scale * rng.standard_normal(d)
+    return {**params, **jax.tree.map(lambda b: jnp.asarray(b, params["wq"].dtype), biases)}
+
+
+@pytest.mark.parametrize("seed,d,heads,head_dim,tokens", SHAPES[:8])
+def test_biased_layer_matches_autodiff_blocks(x64, seed, d, heads, head_dim, tokens):
+    """With q, k, v and output biases the same closed forms are exact (math.md section 2)."""
+    params, u = random_layer(seed, d, heads, head_dim, tokens, scale=3.0, dtype=jnp.float64)
+    params = with_biases(params, seed)
+    stats, layer_margins, head_margins = closed_form(params, u)
+    blocks = np.asarray(autodiff_diagonal_blocks(params, u))
+    sign, logabsdet = np.linalg.slogdet(blocks)
+    np.testing.assert_allclose(stats.logdet, logabsdet, atol=1e-9, rtol=0)
+    np.testing.assert_array_equal(stats.sign, sign)
+    np.testing.assert_allclose(layer_margins, np.linalg.svd(blocks, compute_uv=False)[:, -1],
+                               atol=1e-9, rtol=0)
+    for h in range(heads):
+        head_blocks = np.asarray(autodiff_diagonal_blocks(params, u, head=h))
+        sign, logabsdet = np.linalg.slogdet(head_blocks)
+        np.testing.assert_allclose(stats.head_logdet[h], logabsdet, atol=1e-9, rtol=0)
+        np.testing.assert_array_equal(stats.head_sign[h], sign)
+        np.testing.assert_allclose(head_margins[h],
+                                   np.linalg.svd(head_blocks, compute_uv=False)[:, -1],
+                                   atol=1e-9, rtol=0)
+    # The biases matter: the query bias changes the statistics, the output bias the output.
+    _, unbiased = jax.jit(attention.causal_self_attention)(
+        {k: params[k] for k in ("wq", "wk", "wv", "wo")}, u)
+    if tokens > 1:
+        assert not np.allclose(stats.logdet, unbiased.logdet)
+
+
 def test_the_random_shapes_include_negative_determinants(x64):
     # The log-determinants alone: compiling the margins' SVDs for every shape took 30 s.
     layer_stats = jax.jit(lambda p, u: attention.causal_self_attention(p, u, scope="layer")[1])
@@ -71,12 +107,15 @@ def test_the_random_shapes_include_negative_determinants(x64):
     assert negatives > 5
 
 
-def test_output_is_multi_head_causal_attention(x64):
+@pytest.mark.parametrize("biased", [False, True])
+def test_output_is_multi_head_causal_attention(x64, biased):
     params, u = random_layer(3, 8, 2, 4, 6, scale=1.0, dtype=jnp.float64)
+    params = with_biases(params, 3) if biased else params
     out, _ = attention.causal_self_attention(params, u, scope="none")
-    expected = np.zeros_like(u)
+    expected = np.tile(np.asarray(params.get("bo", np.zeros(8))), (6, 1))
     for h in range(2):
-        q, k, v = (u @ params[w][:, h, :] for w in ("wq", "wk", "wv"))
+        q, k, v = (u @ params["w" + n][:, h, :] + (params["b" + n][h] if biased else 0)
+                   for n in ("q", "k", "v"))
         for t in range(6):
             scores = q[t] @ k[: t + 1].T / np.sqrt(4)
             weights = np.exp(scores - scores.max())

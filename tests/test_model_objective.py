@@ -20,7 +20,8 @@ from stm_jax.model import Record
 def small_model(seed=0, **overrides):
     cfg = ml_collections.ConfigDict(dict(
         vocab_size=11, num_layers=2, num_heads=2, d_model=8, context=7, dropout=0.0,
-        tie_embeddings=True, use_bias=True, mlp_ratio=2, dtype="float32"))
+        tie_embeddings=True, use_bias=True, mlp_ratio=2, dtype="float32", attention_bias=False,
+        layer_norm_eps=1e-6))
     cfg.update(overrides)
     return model_lib.init_model(cfg, seed)
 

@@ -1,7 +1,7 @@
 """The repository's shape: files that prose and code refer to exist, imports point one way.
 
 Rings, innermost first (README, "Architecture"): ``core`` (the paper's mathematics) <-
-``model``, ``data`` <- ``objective`` <- ``trainer`` <- ``evaluation`` <- ``bench``, ``study``.
+``model``, ``data`` <- ``objective``, ``pretrained`` <- ``trainer`` <- ``evaluation`` <- ``bench``, ``study``.
 ``errors`` and ``files`` serve every ring but ``core``. A module imports only from rings inside
 its own, or from its own package.
 """
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGS = {"errors": 0, "files": 0, "core": 1, "model": 2, "data": 2, "objective": 3,
-         "trainer": 4, "evaluation": 5, "bench": 6, "study": 6}
+         "pretrained": 3, "trainer": 4, "evaluation": 5, "bench": 6, "study": 6}
 # What the paper's mathematics may import: JAX, NumPy and the standard library's pure parts.
 CORE_ALLOWED = {"__future__", "dataclasses", "functools", "math", "typing", "collections",
                 "jax", "numpy"}

@@ -11,6 +11,13 @@ Parameter layout (``W_Q^h = wq[:, h, :].T`` and ``W_O^h = wo[h].T``)::
 
     params = {"wq": (d, H, p), "wk": (d, H, p), "wv": (d, H, p), "wo": (H, p, d)}
 
+and optionally the biases of GPT-2-style layers, ``"bq", "bk", "bv": (H, p)`` and
+``"bo": (d,)``, added to q, k, v and out. The Jacobian formulas below need no change for them
+(math.md section 2, "Biases"): they are written in the moments (q, k, v, o, kbar), which are
+computed with the biases; a key bias adds q_t . b_k to every score of row t and cancels in the
+softmax and in C_t, a value bias cancels in C_t and in v_t - o_t, the output bias is a
+constant, and the query bias is part of q_t, which the formulas use as it is.
+
 ``det J_t`` is computed through the Sylvester reduction ``det(I_d - U G) = det(I_Hp - G U)``:
 only ``p x p`` products of the weights (shared by all tokens) and per-token attention moments
 enter, and the ``T d x T d`` Jacobian is never formed.
@@ -51,11 +58,16 @@ class Moments(NamedTuple):
     kbar: jax.Array  # (H, T, p) attention-weighted mean key
 
 
+def project(params: dict, u: jax.Array, name: str) -> jax.Array:
+    """q, k or v (``name`` "q", "k", "v") of ``u: (T, d)`` per head, (H, T, p), bias included."""
+    x = jnp.einsum("td,dhp->htp", u, params["w" + name])
+    bias = params.get("b" + name)  # GPT-2-style layers only
+    return x if bias is None else x + bias[:, None, :]
+
+
 def attention_moments(params: dict, u: jax.Array) -> Moments:
     """Queries, keys, values, causal softmax weights and weighted means for ``u: (T, d)``."""
-    q = jnp.einsum("td,dhp->htp", u, params["wq"])
-    k = jnp.einsum("td,dhp->htp", u, params["wk"])
-    v = jnp.einsum("td,dhp->htp", u, params["wv"])
+    q, k, v = (project(params, u, name) for name in ("q", "k", "v"))
     num_tokens, head_dim = u.shape[0], q.shape[-1]
     # Softmax in float32 at least, even when the matmuls run in bfloat16.
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
@@ -69,8 +81,9 @@ def attention_moments(params: dict, u: jax.Array) -> Moments:
 
 
 def attention_output(params: dict, m: Moments) -> jax.Array:
-    """``out_t = sum_h W_O^h o_t^h``, shape (T, d)."""
-    return jnp.einsum("htp,hpd->td", m.o, params["wo"])
+    """``out_t = sum_h W_O^h o_t^h (+ b_O)``, shape (T, d)."""
+    out = jnp.einsum("htp,hpd->td", m.o, params["wo"])
+    return out if params.get("bo") is None else out + params["bo"]
 
 
 def residual(params: dict, u: jax.Array, head: int | None = None) -> jax.Array:
@@ -82,7 +95,7 @@ def residual(params: dict, u: jax.Array, head: int | None = None) -> jax.Array:
     m = attention_moments(params, u)
     if head is None:
         return u - attention_output(params, m)
-    return u - m.o[head] @ params["wo"][head]
+    return u - m.o[head] @ params["wo"][head]  # b_O is a constant: no part of any J_t^h
 
 
 def weight_products(params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:

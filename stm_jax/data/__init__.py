@@ -1,4 +1,4 @@
-"""Character-level data: the vocabulary, the text splits, training batches, evaluation windows.
+"""The data: vocabularies and tokenizers, the text splits, training batches, evaluation windows.
 
 Everything the model sees goes through here, so that training, evaluation and sampling agree.
 ``vocab`` and ``batches`` need only NumPy; ``splits`` (reading the configured text, through
@@ -7,13 +7,15 @@ ids does not load TensorFlow Datasets.
 """
 
 from stm_jax.data.batches import check_split_length, eval_batches, get_batch, num_eval_batches
+from stm_jax.data.tokenizer import TOKENIZER_FILENAME, BPETokenizer
 from stm_jax.data.vocab import UNKNOWN_CHAR, VOCAB_FILENAME, Vocab
 
 _FROM_SPLITS = ("DATASET_NAMES", "dataset_name", "load_dataset", "read_text_file",
                 "validate_config")
 
-__all__ = ["UNKNOWN_CHAR", "VOCAB_FILENAME", "Vocab", "check_split_length", "eval_batches",
-           "get_batch", "num_eval_batches", *_FROM_SPLITS]
+__all__ = ["TOKENIZER_FILENAME", "UNKNOWN_CHAR", "VOCAB_FILENAME", "BPETokenizer", "Vocab",
+           "check_split_length", "eval_batches", "get_batch", "num_eval_batches",
+           *_FROM_SPLITS]
 
 
 def __getattr__(name: str):

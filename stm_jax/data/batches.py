@@ -30,7 +30,8 @@ def get_batch(
     """Random training windows (inputs, targets), each int32 (batch_size, context).
 
     A pure function of (seed, step) -- no generator state to checkpoint -- so a resumed run
-    replays the same batches. ``targets`` are ``inputs`` shifted by one token.
+    replays the same batches. ``targets`` are ``inputs`` shifted by one token. ``tokens`` may
+    be a memory map (``corpus.encode_to_file``): only the batch's windows are read.
     """
     seed, step = int(seed), int(step)
     if seed < 0 or step < 0:
@@ -75,11 +76,14 @@ def eval_batches(
     tokens) is dropped, as are batches beyond ``max_batches``. Compare evaluation numbers only
     at equal (batch_size, context, max_batches). Raises at call time if no full batch fits.
     """
-    tokens = np.asarray(tokens, dtype=np.int32)
     count = num_eval_batches(
         len(tokens), batch_size=batch_size, context=context, max_batches=max_batches
     )
-    span = count * batch_size * context
-    inputs = tokens[:span].reshape(count, batch_size, context)
-    targets = tokens[1 : span + 1].reshape(count, batch_size, context)
-    return zip(inputs, targets, strict=True)
+    return _windows(tokens, count, batch_size * context, (batch_size, context))
+
+
+def _windows(tokens, count: int, size: int, shape: tuple[int, int]):
+    """Batch by batch, so a memory-mapped split is read one batch at a time."""
+    for index in range(count):
+        window = np.asarray(tokens[index * size:(index + 1) * size + 1], dtype=np.int32)
+        yield window[:-1].reshape(shape), window[1:].reshape(shape)

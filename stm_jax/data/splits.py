@@ -16,17 +16,23 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stm_jax.data import corpus
 from stm_jax.data.builders import common
 from stm_jax.data.builders.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
 from stm_jax.data.builders.wikitext2_raw_char import Wikitext2RawChar
+from stm_jax.data.tokenizer import BYTE_ALPHABET, TOKENIZER_FILENAME, BPETokenizer
 from stm_jax.data.vocab import VOCAB_FILENAME, Vocab, list_chars
 from stm_jax.errors import UserError
 
 DATASET_NAMES = ("tiny_shakespeare", "wikitext2_raw", "text_file")
+TOKENIZER_KINDS = ("char", "bpe")  # data.tokenizer, or the path of a tokenizer.json
+MAX_VOCAB = 2**32
 # Datasets whose held-out splits legitimately contain characters the train split lacks (the
 # WikiText validation file has 284 distinct characters, the test file 259): they get an
 # unknown symbol. Elsewhere an out-of-vocabulary character is an error, never silently mapped.
 _DATASETS_WITH_UNKNOWN = ("wikitext2_raw",)
+_PROXY_NOTE = ("WikiText-2 PROXY split (wiki.train.raw unavailable): trained on wiki.test.raw, "
+               "evaluated on wiki.valid.raw; not comparable with published WikiText-2 results.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +55,14 @@ def validate_config(data_cfg) -> None:
     if dataset == "tiny_shakespeare" and data_cfg.split_style not in SPLIT_STYLES:
         raise UserError(f"unknown data.split_style {data_cfg.split_style!r}; use one of "
                         f"{SPLIT_STYLES}")
+    kind = data_cfg.tokenizer
+    if kind not in TOKENIZER_KINDS and not Path(kind).expanduser().is_file():
+        raise UserError(f"data.tokenizer={kind!r} is neither one of {TOKENIZER_KINDS} nor an "
+                        "existing tokenizer.json; check the path.")
+    if kind == "bpe" and not (isinstance(data_cfg.vocab_size, int)
+                              and BYTE_ALPHABET + 1 < data_cfg.vocab_size <= MAX_VOCAB):
+        raise UserError(f"data.vocab_size={data_cfg.vocab_size!r} must be an integer above "
+                        f"{BYTE_ALPHABET + 1} (the bytes and <|endoftext|>) for a BPE.")
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -179,8 +193,8 @@ def _encode_split(vocab: Vocab, text: str, split: str, source: str) -> np.ndarra
 
 
 def load_dataset(
-    data_cfg: Any, workdir: str | os.PathLike | None = None
-) -> tuple[dict[str, np.ndarray], Vocab, dict[str, Any]]:
+    data_cfg: Any, workdir: str | os.PathLike | None = None, *, progress: bool = False
+) -> tuple[dict[str, np.ndarray], Vocab | BPETokenizer, dict[str, Any]]:
     """Reads the configured splits and returns (token splits, vocab, info).
 
     ``data_cfg`` is the ``data`` sub-config (``name``, ``text_file``, ``val_fraction``,
@@ -201,8 +215,15 @@ def load_dataset(
 
     ``info``: name, source, split_style, proxy (bool), note, num_chars and num_unknown per
     split, vocab_size, unknown_symbol.
+
+    With ``data.tokenizer`` "bpe" or a tokenizer.json path, the tokenizer is the workdir's
+    ``tokenizer.json`` (trained on the train split, or copied from the path, when absent) and
+    the splits are memory-mapped token files (``corpus.encode_to_file``, a progress bar on
+    stderr with ``progress``); ``info`` adds num_bytes and num_tokens per split.
     """
     validate_config(data_cfg)
+    if data_cfg.tokenizer != "char":
+        return _load_subword(data_cfg, workdir, progress)
     texts, source = _read_splits(data_cfg)
     _check_nonempty(texts, source)
 
@@ -226,12 +247,7 @@ def _describe(
 ) -> dict[str, Any]:
     dataset = dataset_name(data_cfg)
     proxy = dataset == "wikitext2_raw" and data_cfg.wikitext_proxy
-    note = ""
-    if proxy:
-        note = (
-            "WikiText-2 PROXY split (wiki.train.raw unavailable): trained on wiki.test.raw, "
-            "evaluated on wiki.valid.raw; not comparable with published WikiText-2 results."
-        )
+    note = _PROXY_NOTE if proxy else ""
     return {
         "name": dataset,
         "source": source,
@@ -247,3 +263,69 @@ def _describe(
         "unknown_symbol": vocab.unknown,
     }
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Subword tokenizers: memory-mapped token files
+
+
+def _subword_sources(data_cfg) -> tuple[dict[str, corpus.TextSource], str]:
+    if dataset_name(data_cfg) == "text_file":
+        path = Path(data_cfg.text_file).expanduser()
+        if not path.is_file() or not path.stat().st_size:
+            read_text_file(path)  # the same errors as a character run
+        return corpus.text_file_sources(path, data_cfg.val_fraction), data_cfg.text_file
+    texts, source = _read_tfds_splits(data_cfg)
+    _check_nonempty(texts, source)
+    return {split: corpus.TextSource.of_text(text, f"{source} [{split}]")
+            for split, text in texts.items()}, source
+
+
+def _bpe_for(data_cfg, workdir: Path | None, train: corpus.TextSource) -> BPETokenizer:
+    """The workdir's tokenizer.json if it has one (checked against a configured path), else
+    the configured file, else a BPE trained on the train split."""
+    stored = workdir / TOKENIZER_FILENAME if workdir is not None else None
+    if stored is not None and not stored.exists() and (workdir / VOCAB_FILENAME).exists():
+        raise UserError(f"{workdir} holds a character run ({VOCAB_FILENAME}), but "
+                        f"data.tokenizer={data_cfg.tokenizer!r}; use a fresh workdir.")
+    given = (BPETokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer != "bpe" else None)
+    if stored is not None and stored.exists():
+        tokenizer = BPETokenizer.load(stored)
+        if given is not None and given.sha256 != tokenizer.sha256:
+            raise UserError(f"{data_cfg.tokenizer} is not the tokenizer this workdir was "
+                            f"trained with ({stored}); use the original file or a fresh workdir.")
+        return tokenizer
+    if given is not None:
+        return given
+    return BPETokenizer.train((chunk for chunks, _ in corpus.chunk_batches(train)
+                               for chunk in chunks), data_cfg.vocab_size)
+
+
+def _load_subword(data_cfg, workdir, progress: bool):
+    sources, source = _subword_sources(data_cfg)
+    for split, text in sources.items():
+        if not text.num_chars:
+            raise UserError(f"the {split} split of {source} is empty; the text is too short for "
+                            "the split fractions (give a longer text or change "
+                            "data.val_fraction).")
+    workdir = Path(workdir).expanduser() if workdir is not None else None
+    tokenizer = _bpe_for(data_cfg, workdir, sources["train"])
+    cache = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else \
+        corpus.default_cache_dir()
+    splits = {split: corpus.encode_to_file(text, tokenizer, cache, progress=progress)
+              for split, text in sources.items()}
+    info = {
+        "name": dataset_name(data_cfg), "source": source, "tokenizer": tokenizer.describe(),
+        "split_style": data_cfg.split_style if dataset_name(data_cfg) == "tiny_shakespeare"
+        else None, "proxy": False, "note": "",
+        "num_chars": {split: text.num_chars for split, text in sources.items()},
+        "num_bytes": {split: text.num_bytes for split, text in sources.items()},
+        "num_tokens": {split: len(ids) for split, ids in splits.items()},
+        "num_unknown": {split: 0 for split in splits},
+        "vocab_size": tokenizer.size, "unknown_symbol": False,
+    }
+    if dataset_name(data_cfg) == "wikitext2_raw" and data_cfg.wikitext_proxy:
+        info.update(proxy=True, note=_PROXY_NOTE)
+    if workdir is not None and not (workdir / TOKENIZER_FILENAME).exists():
+        tokenizer.save(workdir / TOKENIZER_FILENAME)
+    return splits, tokenizer, info

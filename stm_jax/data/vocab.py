@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class Vocab:
     chars: tuple[str, ...]
     unknown: bool = False
     _codes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    kind: ClassVar[str] = "char"  # data.tokenizer
+    filename: ClassVar[str] = VOCAB_FILENAME
 
     def __post_init__(self):
         chars = tuple(self.chars)
@@ -65,6 +67,20 @@ class Vocab:
     @property
     def unknown_id(self) -> int | None:
         return self.size - 1 if self.unknown else None
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each id's character (the unknown id counts as U+FFFD's 3)."""
+        chars = self.chars + ((UNKNOWN_CHAR,) if self.unknown else ())
+        return np.array([len(c.encode("utf-8", errors="surrogatepass")) for c in chars],
+                        np.int64)
+
+    def piece(self, index: int) -> str:
+        """The text of one id."""
+        return self.decode(np.array([index]))
+
+    def describe(self) -> str:
+        return f"characters, {self.size} ids"
 
     def encode(self, text: str) -> np.ndarray:
         """Ids of the characters of ``text`` as int32 (vectorised: no Python loop per char)."""

@@ -29,6 +29,7 @@ What a run does when something goes wrong:
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stm_jax import data, files, objective
+from stm_jax import data, files, objective, pretrained
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, metrics, steps
@@ -77,6 +78,23 @@ def validate_config(config) -> None:
     if config.nonfinite_policy not in ("stop", "skip"):
         raise UserError(f"nonfinite_policy={config.nonfinite_policy!r}; expected 'stop' or "
                         "'skip'")
+    if config.init_from and config.data.tokenizer in ("char", "bpe"):
+        raise UserError(f"init_from={config.init_from!r} needs the checkpoint's own tokenizer: "
+                        "set data.tokenizer to its tokenizer.json (e.g. "
+                        f"{Path(config.init_from) / pretrained.TOKENIZER_FILE}).")
+
+
+def with_pretrained(config) -> tuple[ml_collections.ConfigDict, dict | None]:
+    """(config, parameters): with ``init_from`` (a GPT-2 directory) the model's architecture
+    keys come from its config.json, as the data fills in ``vocab_size``, and its weights are
+    read and checked (a fresh run starts from them); otherwise (config, None)."""
+    if not config.init_from:
+        return config, None
+    model_cfg, params = pretrained.read_gpt2(config.init_from, context=config.model.context)
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in pretrained.ARCHITECTURE_KEYS:
+        config.model[key] = model_cfg[key]
+    return config, params
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -88,8 +106,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     # 1. Every check that can fail, read-only.
     validate_config(config)
+    config, initial_params = with_pretrained(config)
     workdir = workdir_lib.preflight(workdir, config)
     splits, vocab, info = load_splits(config, workdir)
+    if initial_params is not None and vocab.size != config.model.vocab_size:
+        raise UserError(f"data.tokenizer {config.data.tokenizer} has {vocab.size:,} tokens but "
+                        f"the checkpoint {config.init_from} has {config.model.vocab_size:,}; "
+                        "use the tokenizer.json that came with the checkpoint.")
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     config.model.vocab_size = vocab.size
 
@@ -111,11 +134,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         start_step = ckpt.latest_step() or 0
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        if not start_step and initial_params is not None:
+            state = steps.start_from(state, initial_params, tx)
         state = (ckpt.restore(start_step, abstract, expected_metadata=metadata,
                               upgrade_metadata=workdir_lib.upgrade_metadata)[0] if start_step
                  else jax.device_put(state, replicated))
-        if not (workdir / data.VOCAB_FILENAME).exists():
-            vocab.save(workdir / data.VOCAB_FILENAME)
+        if not (workdir / vocab.filename).exists():
+            vocab.save(workdir / vocab.filename)
         files.write_json(workdir / workdir_lib.CONFIG_FILE, config.to_dict(), indent=2)
 
         def batch_at(step):
@@ -126,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
         def evaluate(state) -> dict:
             return evaluate_split(eval_step, state["params"], splits["validation"], config,
-                                  batch_sharding, config.eval_batches)
+                                  batch_sharding, config.eval_batches, vocab.token_bytes)
 
         with metrics.MetricsWriter(workdir) as writer:
             progress = Progress(config, writer, ckpt, start_step)
@@ -177,8 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def load_splits(config, workdir: Path) -> tuple[dict, data.Vocab, dict]:
     """The token splits and vocabulary (``vocab.json`` reused if the workdir has one, never
     written here), checked to hold a training window and one evaluation batch."""
-    reuse_vocab = (workdir / data.VOCAB_FILENAME).exists()
-    splits, vocab, info = data.load_dataset(config.data, workdir if reuse_vocab else None)
+    reuse_vocab = any((workdir / name).exists()
+                      for name in (data.VOCAB_FILENAME, data.TOKENIZER_FILENAME))
+    splits, vocab, info = data.load_dataset(config.data, workdir if reuse_vocab else None,
+                                            progress=config.progress)
     source = str(info.get("source", info.get("name")))
     try:
         for name in ("train", "validation"):
@@ -197,10 +224,11 @@ def load_splits(config, workdir: Path) -> tuple[dict, data.Vocab, dict]:
     return splits, vocab, info
 
 
-def check_vocab_unchanged(workdir: Path, vocab: data.Vocab) -> None:
-    """Another run may have written vocab.json between the data checks and taking the lock."""
-    path = workdir / data.VOCAB_FILENAME
-    if path.exists() and data.Vocab.load(path) != vocab:
+def check_vocab_unchanged(workdir: Path, vocab: data.Vocab | data.BPETokenizer) -> None:
+    """Another run may have written vocab.json (or tokenizer.json) between the data checks
+    and taking the lock."""
+    path = workdir / vocab.filename
+    if path.exists() and type(vocab).load(path) != vocab:
         raise UserError(f"{path} changed while this run was starting (another run wrote a "
                         "different vocabulary); use a fresh --workdir")
 
@@ -212,10 +240,12 @@ def shard_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, batch[start:start + per_process])
 
 
-def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int) -> dict:
+def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int,
+                   token_bytes: np.ndarray) -> dict:
     """Mean of every objective term over fixed validation windows (``max_batches`` <= 0: the
-    whole split)."""
-    totals, count = {}, 0
+    whole split), and ``bpb``: the bits per UTF-8 byte of the windows' targets (every batch
+    has B T targets, so its summed loss is ``ce`` B T)."""
+    totals, count, num_bytes = {}, 0, 0
     for inputs, targets in data.eval_batches(tokens, batch_size=config.batch_size,
                                              context=config.model.context,
                                              max_batches=max_batches if max_batches > 0
@@ -226,7 +256,9 @@ def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int
             if np.ndim(value) == 0:
                 totals[name] = totals.get(name, 0.0) + float(value)
         count += 1
-    return {name: value / count for name, value in totals.items()}
+        num_bytes += int(token_bytes[targets].sum())
+    means = {name: value / count for name, value in totals.items()}
+    return {**means, "bpb": totals["ce"] * targets.size / math.log(2) / num_bytes}
 
 
 def preempted(signal_name: str, step: int, start_step: int, state, metadata: dict,

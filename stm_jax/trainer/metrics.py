@@ -122,7 +122,7 @@ def _format_count(value: float) -> str:
     return f"{value:.0f}"
 
 
-_PROGRESS_GROUPS = (("loss", "ce", "barrier"), ("bpc",))
+_PROGRESS_GROUPS = (("loss", "ce", "barrier"), ("bpc", "bits_per_token"))
 
 
 def format_progress(

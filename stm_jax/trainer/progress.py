@@ -75,6 +75,7 @@ class Progress:
         mfu = tokens_per_s * self.flops_per_token / self.peak
         host.update(tokens_per_s=tokens_per_s, mfu=mfu, learning_rate=steps.learning_rate(
             config.optimizer, config.num_steps, step - 1))
+        host = self.named(host)
         self.writer.write(step, host)
         self.print(metrics.format_progress(step, config.num_steps, host, tokens_per_s, mfu,
                                            now - self.run_start, start_step=self.start_step))
@@ -94,9 +95,25 @@ class Progress:
                             ". Lower the learning rate or set nonfinite_policy='skip'.")
         print(f"warning: {message}; skipped (nonfinite_policy='skip')", file=sys.stderr)
 
+    def named(self, record: dict) -> dict:
+        """``bpc`` (ce / ln 2) is bits per character only in a character run; a subword run
+        calls it ``bits_per_token`` (and is compared by ``bpb``)."""
+        if self.config.data.tokenizer == "char" or "bpc" not in record:
+            return record
+        record = dict(record)
+        record["bits_per_token"] = record.pop("bpc")
+        return record
+
+    def bits(self, result: dict) -> str:
+        """``bpc 2.7 | bpb 2.7`` or ``bits/token 9.1 | bpb 2.5``."""
+        if "bpc" in result:
+            return f"bpc {result['bpc']:.4f} | bpb {result['bpb']:.4f}"
+        return f"bits/token {result['bits_per_token']:.4f} | bpb {result['bpb']:.4f}"
+
     def validation(self, step: int, result: dict) -> dict:
+        result = self.named(result)
         self.writer.write(step, result, prefix="validation")
-        self.print(f"step {step} | validation loss {result['ce']:.4f} | bpc {result['bpc']:.4f}")
+        self.print(f"step {step} | validation loss {result['ce']:.4f} | {self.bits(result)}")
         return result
 
     def summary(self) -> dict:
@@ -104,8 +121,8 @@ class Progress:
                 "tokens_per_s": self.last.get("tokens_per_s")}
 
     def done(self, step: int, final: dict) -> None:
-        self.print(f"done: step {step} | val loss {final['ce']:.4f} nats | val bpc "
-                   f"{final['bpc']:.4f} | "
+        self.print(f"done: step {step} | val loss {final['ce']:.4f} nats | val "
+                   f"{self.bits(final)} | "
                    f"{metrics.format_duration(time.perf_counter() - self.run_start)}")
 
 

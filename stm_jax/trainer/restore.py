@@ -2,10 +2,10 @@
 
 Evaluation and sampling need the exact model training produced: the config it ran with
 (``config.json``, which holds the vocabulary size filled in from the data), the vocabulary that
-gives its token ids their characters (``vocab.json``) and the parameters of a checkpoint. The
-checkpoint is checked against the same metadata training writes (model shape and vocabulary)
-before any array is read, so a workdir whose files disagree fails with a sentence, not a shape
-error.
+gives its token ids their text (``vocab.json``, or ``tokenizer.json`` for a subword run) and
+the parameters of a checkpoint. The checkpoint is checked against the same metadata training
+writes (model shape and vocabulary) before any array is read, so a workdir whose files disagree
+fails with a sentence, not a shape error.
 
 Nothing in the workdir is created, modified or deleted: a missing file is an error naming it,
 and the checkpoint manager is opened only on a directory that already exists, without async
@@ -33,15 +33,17 @@ from stm_jax.trainer.workdir import (
 )
 
 
-def read_vocab(workdir: Path, config) -> data.Vocab:
-    """The training vocabulary; its size must be the model's, or ids would mean other chars."""
-    path = workdir / data.VOCAB_FILENAME
+def read_vocab(workdir: Path, config) -> data.Vocab | data.BPETokenizer:
+    """The training vocabulary (``vocab.json``, or a subword run's ``tokenizer.json``); its
+    size must be the model's, or ids would mean other text."""
+    kind = data.Vocab if config.data.tokenizer == "char" else data.BPETokenizer
+    path = workdir / kind.filename
     if not path.is_file():
         raise UserError(
             f"{path} does not exist; the checkpoints cannot be decoded without the vocabulary "
-            "they were trained with. Restore the original vocab.json."
+            f"they were trained with. Restore the original {kind.filename}."
         )
-    vocab = data.Vocab.load(path)
+    vocab = kind.load(path)
     if vocab.size != config.model.vocab_size:
         raise UserError(
             f"{path} has {vocab.size} ids but {workdir / CONFIG_FILE} says "
@@ -82,7 +84,8 @@ def build_model(config, params: dict) -> model_lib.GPT:
 
 def load_trained(
     workdir: str | Path, step: int | None = None
-) -> tuple[model_lib.GPT, ml_collections.ConfigDict, data.Vocab, int]:
+) -> tuple[model_lib.GPT, ml_collections.ConfigDict, data.Vocab | data.BPETokenizer,
+           int]:
     """(model, config, vocab, step) from ``workdir``'s latest checkpoint, or from ``step``.
 
     Raises :class:`~stm_jax.errors.UserError` for a workdir without config.json, vocab.json

@@ -84,6 +84,13 @@ def init_state(config, tx: optax.GradientTransformation):
     return graphdef, state
 
 
+def start_from(state: dict, params: dict, tx: optax.GradientTransformation) -> dict:
+    """A fresh ``state`` whose parameters are ``params`` (a pretrained model's, in the same
+    tree) and whose optimizer state is new."""
+    params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state["params"])
+    return {**state, "params": params, "opt_state": tx.init(params)}
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 

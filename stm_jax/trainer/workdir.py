@@ -1,9 +1,9 @@
 """The training workdir: its files, the checks made before a run writes anything, and its lock.
 
 A workdir belongs to one model: ``config.json`` (the whole config, vocabulary size included),
-``vocab.json``, ``checkpoints/``, ``metrics.jsonl`` and ``train_summary.json``. Everything a
-run checks about it is read-only (``preflight``), so a refused run leaves it as it was; only
-``create`` writes, once every check has passed.
+``vocab.json`` (or a subword run's ``tokenizer.json``), ``checkpoints/``, ``metrics.jsonl``
+and ``train_summary.json``. Everything a run checks about it is read-only (``preflight``), so a
+refused run leaves it as it was; only ``create`` writes, once every check has passed.
 
 ``read_config`` is the one place a saved config is read, and upgrades one written before a
 key existed (``LEGACY_VALUES``).
@@ -47,6 +47,12 @@ LEGACY_VALUES = {
     "objective.barrier_step_fraction": 1.0,
     "objective.barrier_floor": float("-inf"),
     "objective.chunk_size": 0,
+    "model.attention_bias": False,
+    "model.layer_norm_eps": 1e-6,
+    "data.tokenizer": "char",
+    "data.vocab_size": 8192,  # read only by "bpe" runs, which are all newer
+    "data.cache_dir": "",
+    "init_from": "",
 }
 
 
@@ -96,7 +102,10 @@ def differences(saved: Mapping[str, Any], wanted: Mapping[str, Any],
 
 
 def checkpoint_metadata(config, vocab) -> dict:
-    """What a checkpoint must agree on to be resumed: model shape and vocabulary."""
+    """What a checkpoint must agree on to be resumed: model shape and vocabulary (a subword
+    tokenizer by the SHA-256 of its tokenizer.json)."""
+    if vocab.kind != "char":
+        return {"model": config.model.to_dict(), "tokenizer_sha256": vocab.sha256}
     return {"model": config.model.to_dict(), "vocab": "".join(vocab.chars),
             "vocab_unknown": vocab.unknown}
 
