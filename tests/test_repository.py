@@ -1,9 +1,9 @@
 """The repository's shape: files that prose and code refer to exist, imports point one way.
 
 Rings, innermost first (README, "Architecture"): ``core`` (the paper's mathematics) <-
-``model``, ``data`` <- ``objective``, ``pretrained`` <- ``trainer`` <- ``evaluation`` <- ``bench``, ``study``.
-``errors`` and ``files`` serve every ring but ``core``. A module imports only from rings inside
-its own, or from its own package.
+``model``, ``data`` <- ``objective``, ``pretrained`` <- ``trainer`` <- ``evaluation`` <-
+``bench``, ``study``. ``errors`` and ``files`` serve every ring but ``core``. A module imports
+only from rings inside its own, or from its own package.
 """
 
 import ast
