@@ -33,6 +33,8 @@ class Record:
     margins: sigma_min(J_t) per token, layer and head (an SVD each: evaluation only).
     positions: log-dets at these token indices only, (n,) shared or (B, n) per sequence.
     chunk_size: > 0 computes the log-dets in chunks of positions (bounded memory).
+    inputs: the layer's attention input u^l, "input" (B, T, d), for work done outside the
+      forward pass (the sampler's key-value cache, analyses chunked over positions).
     """
 
     scope: attention.Scope = "none"
@@ -41,6 +43,7 @@ class Record:
     margins: bool = False
     positions: jax.Array | None = None
     chunk_size: int = 0
+    inputs: bool = False
 
     def for_layer(self, index: int) -> Record:
         """What layer ``index`` records: everything asked, or nothing outside the layer set."""
@@ -50,7 +53,7 @@ class Record:
 
     @property
     def anything(self) -> bool:
-        return self.scope != "none" or self.residuals or self.margins
+        return self.scope != "none" or self.residuals or self.margins or self.inputs
 
 
 def validate_config(model_cfg) -> None:
@@ -139,14 +142,19 @@ class Block(nnx.Module):
         if record.residuals:
             residual = at_least_float32(u - out)
             stats["residual_sq"] = jnp.sum(residual**2, axis=-1)  # ||e_t||^2, (B, T)
+        if record.inputs:
+            stats["input"] = u
         x = x + dropout(out.astype(x.dtype), self.dropout_rate, attn_key)
-        # The MLP on (B T, d) rows: with 3-D activations XLA transposes the (B T, 4d) hidden
-        # gradient (GELU's backward included) for the weight gradient, a large part of a CE
-        # step on CPU (the README's performance notes).
-        rows = self.ln_mlp(x).astype(dtype).reshape(-1, x.shape[-1])
-        mlp_out = self.proj(jax.nn.gelu(self.fc(rows))).reshape(x.shape)
-        x = x + dropout(mlp_out.astype(x.dtype), self.dropout_rate, mlp_key)
+        x = x + dropout(self.mlp(x, dtype).astype(x.dtype), self.dropout_rate, mlp_key)
         return x, stats
+
+    def mlp(self, x, dtype):
+        """The MLP branch fc -> GELU (tanh) -> proj of LN(x), x: (..., d)."""
+        # On (B T, d) rows: with 3-D activations XLA transposes the (B T, 4d) hidden gradient
+        # (GELU's backward included) for the weight gradient, a large part of a CE step on CPU
+        # (the README's performance notes).
+        rows = self.ln_mlp(x).astype(dtype).reshape(-1, x.shape[-1])
+        return self.proj(jax.nn.gelu(self.fc(rows))).reshape(x.shape)
 
 
 class GPT(nnx.Module):
@@ -200,14 +208,18 @@ class GPT(nnx.Module):
                              key=key)
             if stats:
                 per_layer.append(stats)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
+        return self.logits(x), stacked
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The output head on the last block's output x: (..., d) -> (..., V), float32."""
         x = self.ln_final(x)
         if self.tie_embeddings:
             embedding = self.token_embed.embedding[...].astype(self.compute_dtype)
             logits = x.astype(self.compute_dtype) @ embedding.T
         else:
             logits = self.lm_head(x.astype(self.compute_dtype))
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else {}
-        return at_least_float32(logits), stacked
+        return at_least_float32(logits)
 
     def __call__(self, tokens: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
         return self.from_embeddings(self.embed(tokens), **kwargs)

@@ -165,15 +165,15 @@ def test_checkpoints_untouched_by_evaluation(evaluated):
 def test_sampling_is_deterministic_cropped_and_in_vocabulary(trained):
     model, _, vocab, _ = trained
     long_prompt = "to be or not to be that is the question whether tis"  # > context = 32
-    first = sampling.sample(model, vocab, long_prompt, num_chars=12, seed=5, top_k=4)
-    assert first == sampling.sample(model, vocab, long_prompt, num_chars=12, seed=5, top_k=4)
+    first = sampling.sample(model, vocab, long_prompt, num_tokens=12, seed=5, top_k=4)
+    assert first == sampling.sample(model, vocab, long_prompt, num_tokens=12, seed=5, top_k=4)
     assert len(first) == 12 and set(first) <= set(vocab.chars)
-    greedy = sampling.sample(model, vocab, long_prompt, num_chars=1, temperature=0)
+    greedy = sampling.sample(model, vocab, long_prompt, num_tokens=1, temperature=0)
     window = vocab.encode(long_prompt)[-model.context:]
     logits, _ = model(jnp.asarray(window)[None])
     assert greedy == vocab.chars[int(np.argmax(logits[0, -1]))]
     with pytest.raises(UserError, match="not in the model's vocabulary: 'Z', 'é'"):
-        sampling.sample(model, vocab, "to Zé", num_chars=3)
+        sampling.sample(model, vocab, "to Zé", num_tokens=3)
 
 
 def test_load_trained_errors_leave_the_folder_as_it_was(workdir, tmp_path):

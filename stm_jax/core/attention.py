@@ -311,25 +311,47 @@ def causal_self_attention(
     return attention_output(params, m), stats
 
 
+def decode_attention(params: dict, u: jax.Array, keys: jax.Array, values: jax.Array,
+                     position) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token's attention against a key-value cache: the sampler's incremental step.
+
+    u: (d,), the layer input of the token at ``position``; keys, values: (H, S, p), the cached
+    k and v of positions 0..position-1 (later slots are ignored). Returns (out (d,), keys,
+    values) with the token's own k and v written at ``position``: the same out_t as
+    ``causal_self_attention`` on the whole prefix, at O(S) instead of O(S^2) work.
+    """
+    q, k, v = (project(params, u[None], name)[:, 0] for name in ("q", "k", "v"))  # (H, p)
+    keys = keys.at[:, position].set(k.astype(keys.dtype))
+    values = values.at[:, position].set(v.astype(values.dtype))
+    softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("hp,hsp->hs", q, keys).astype(softmax_dtype) / jnp.sqrt(q.shape[-1])
+    scores = jnp.where(jnp.arange(keys.shape[1]) <= position, scores, -jnp.inf)
+    o = jnp.einsum("hs,hsp->hp", jax.nn.softmax(scores, axis=-1).astype(q.dtype), values)
+    out = jnp.einsum("hp,hpd->d", o, params["wo"])
+    return (out if params.get("bo") is None else out + params["bo"]), keys, values
+
+
 # ---------------------------------------------------------------------------------------
 # Margins to degeneracy: sigma_min of the d x d block (Eckart-Young distance to singularity).
 
 
-def token_jacobian_factors(params: dict, m: Moments) -> tuple[jax.Array, jax.Array]:
-    """U and G with J_t^h = I_d - U^h G_t^h.
+def token_jacobian_factors(params: dict, m: Moments, rows: QueryRows | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+    """U and G with J_t^h = I_d - U^h G_t^h, for every token or the tokens of ``rows``.
 
-    U: (H, d, p), U^h = W_O^h.  G: (H, T, p, d), G_t^h = d o_t^h / d u_t (math.md section 2).
+    U: (H, d, p), U^h = W_O^h.  G: (H, n, p, d), G_t^h = d o_t^h / d u_t (math.md section 2).
     """
+    rows = query_rows(m) if rows is None else rows
     head_dim = m.q.shape[-1]
-    a_self = _diag(m.attn)
-    cov = jnp.einsum("hts,hsi,hsj->htij", m.attn, m.v, m.k)
-    cov -= jnp.einsum("hti,htj->htij", m.o, m.kbar)  # C_t^h
+    cov = jnp.einsum("hts,hsi,hsj->htij", rows.attn, m.v, m.k)
+    cov -= jnp.einsum("hti,htj->htij", rows.o, rows.kbar)  # C_t^h
     wq_h = jnp.moveaxis(params["wq"], 1, 0)  # (H, d, p): W_Q^h transposed
     wk_h = jnp.moveaxis(params["wk"], 1, 0)
     wv_h = jnp.moveaxis(params["wv"], 1, 0)
     through_query = jnp.einsum("htij,hdj->htid", cov, wq_h)
-    through_key = jnp.einsum("ht,hti,htj,hdj->htid", a_self, m.v - m.o, m.q, wk_h)
-    through_value = a_self[:, :, None, None] * jnp.swapaxes(wv_h, 1, 2)[:, None]
+    through_key = jnp.einsum("ht,hti,htj,hdj->htid", rows.a_self, rows.v_self - rows.o, rows.q,
+                             wk_h)
+    through_value = rows.a_self[:, :, None, None] * jnp.swapaxes(wv_h, 1, 2)[:, None]
     g = (through_query + through_key) / jnp.sqrt(head_dim) + through_value
     u_factor = jnp.swapaxes(params["wo"], 1, 2)  # (H, d, p)
     return u_factor, g
@@ -360,10 +382,11 @@ def margins(params: dict, u: jax.Array, *, scope: Literal["layer", "head"] = "la
     return margins_of(params, attention_moments(params, u), scope)
 
 
-def margins_of(params: dict, m: Moments, scope: Literal["layer", "head"] = "layer"
-               ) -> jax.Array:
-    """``margins`` from attention moments already computed (the forward pass's own)."""
-    u_factor, g = token_jacobian_factors(params, m)  # (H, d, p), (H, T, p, d)
+def margins_of(params: dict, m: Moments, scope: Literal["layer", "head"] = "layer",
+               positions: jax.Array | None = None) -> jax.Array:
+    """``margins`` from attention moments already computed (the forward pass's own), of
+    every token or of the token indices ``positions`` (n,) only (bounded memory)."""
+    u_factor, g = token_jacobian_factors(params, m, query_rows(m, positions))  # (H, n, p, d)
     if scope == "head":
         per_token = jax.vmap(sigma_min_identity_minus_low_rank, in_axes=(None, 0))
         return jax.vmap(per_token)(u_factor, jnp.swapaxes(g, -1, -2))

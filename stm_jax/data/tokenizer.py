@@ -16,6 +16,7 @@ newline that follows and precedes a non-space), so the ids are those of the whol
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -35,6 +36,19 @@ BYTE_ALPHABET = 256
 _LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 _SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 CHUNK_CHARS = 16384  # target chunk: large enough to amortise the call, small enough to spread
+
+
+def _symbols_of_bytes() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for
+    the code points from 256 on, in order (the table ``tokenizers``' ByteLevel uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(BYTE_ALPHABET) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(BYTE_ALPHABET + i) for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF_SYMBOL = {symbol: byte for byte, symbol in _symbols_of_bytes().items()}
 
 
 class BPETokenizer:
@@ -62,18 +76,18 @@ class BPETokenizer:
         self.serialized = serialized
         self.sha256 = hashlib.sha256(serialized.encode("utf-8")).hexdigest()
         self.size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._added = {i: token.content for i, token in
+                       self._tokenizer.get_added_tokens_decoder().items()}
         self.token_bytes = self._byte_lengths()
 
     def _byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for: one per symbol of a byte-level token, an added
         token's text otherwise."""
-        added = {i: token.content for i, token in
-                 self._tokenizer.get_added_tokens_decoder().items()}
         lengths = np.zeros(self.size, np.int64)
         for index in range(self.size):
             token = self._tokenizer.id_to_token(index)
-            if index in added:
-                lengths[index] = len(added[index].encode("utf-8"))
+            if index in self._added:
+                lengths[index] = len(self._added[index].encode("utf-8"))
             elif token is not None:
                 lengths[index] = len(token)
         return lengths
@@ -116,9 +130,21 @@ class BPETokenizer:
                              f"{np.unique(ids[bad])[:10].tolist()}")
         return self._tokenizer.decode(ids.tolist(), skip_special_tokens=False)
 
-    def piece(self, index: int) -> str:
-        """The text of one token alone (a partial UTF-8 character shows as U+FFFD)."""
-        return self._tokenizer.decode([int(index)], skip_special_tokens=False)
+    def token_bytes_of(self, index: int) -> bytes:
+        """The UTF-8 bytes one id stands for."""
+        index = int(index)
+        if index in self._added:
+            return self._added[index].encode("utf-8")
+        return bytes(_BYTE_OF_SYMBOL[symbol] for symbol in self._tokenizer.id_to_token(index))
+
+    def pieces(self, ids) -> list[str]:
+        """The text of each id in context: the characters that end in it, so the pieces
+        join to ``decode(ids)`` and a token holding part of a character is ""."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = [decoder.decode(self.token_bytes_of(index)) for index in np.asarray(ids)]
+        if pieces:
+            pieces[-1] += decoder.decode(b"", final=True)
+        return pieces
 
     # Files
 

@@ -75,9 +75,9 @@ class Vocab:
         return np.array([len(c.encode("utf-8", errors="surrogatepass")) for c in chars],
                         np.int64)
 
-    def piece(self, index: int) -> str:
-        """The text of one id."""
-        return self.decode(np.array([index]))
+    def pieces(self, ids) -> list[str]:
+        """The character of each id."""
+        return list(self.decode(np.asarray(ids)))
 
     def describe(self) -> str:
         return f"characters, {self.size} ids"

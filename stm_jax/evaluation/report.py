@@ -12,7 +12,7 @@ from stm_jax.evaluation import BPC_PLOT, MARGIN_PLOT, RESULTS_FILE
 _VISIBLE = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
 
 
-def _visible(text: str) -> str:
+def visible(text: str) -> str:
     """One column per character, so marker lines line up under the text."""
     return "".join(_VISIBLE.get(c, c if c.isprintable() else "\u00b7") for c in text)
 
@@ -82,7 +82,7 @@ def _windows_section(margins: dict) -> list[str]:
              "the position of the character above it (its latent u_t). "
              "\u21b5 is a newline.", ""]
     for window in margins["windows"]:
-        text = _visible(window["text"])
+        text = visible(window["text"])
         lines += [f"Window {window['window']} (characters {window['start']}-"
                   f"{window['start'] + len(text) - 1}):", "", "```", f"text    | {text}"]
         lines += [f"layer {layer['layer']:<2}| {_marker_line(layer, len(text))}"

@@ -1,11 +1,16 @@
-"""``sample(model, vocab, prompt, num_chars=...)``: text continued by a trained model.
+"""``sample(model, tokenizer, prompt, num_tokens=...)``: text continued by a model, with a
+key-value cache.
 
-The model only ever saw windows of ``model.context`` tokens starting at position 0, so the
-step function reads a fixed-size window holding the last ``context`` tokens, left-aligned
-(positions 0..n-1, as in training) and padded on the right. Causal attention makes the logits at
-position n-1 independent of the padding, so one compiled step serves every prompt length and
-every step of the loop. Randomness is ``fold_in(PRNGKey(seed), i)`` for the i-th character: the
-same seed gives the same text.
+The prompt's last ``model.context`` tokens are run through the model once (``prefill``: the
+model's own forward pass on a fixed-size window, left-aligned at position 0 as in training and
+padded on the right, which causal attention ignores), keeping every layer's keys and values.
+Each new token then costs one token's work per layer (``decode``:
+``core.attention.decode_attention`` against the cache), not a forward pass over the context;
+its logits are those of the forward pass over the same tokens. When the window is full, the
+last half of it is run through ``prefill`` again, so the model always sees at least
+``context / 2`` tokens and the position embeddings never run out. Both steps are compiled once
+per model. Randomness is ``fold_in(PRNGKey(seed), i)`` for the i-th token: the same seed gives
+the same text.
 """
 
 from __future__ import annotations
@@ -18,35 +23,81 @@ import numpy as np
 from flax import nnx
 
 from stm_jax import data
+from stm_jax.core import attention
 from stm_jax.errors import UserError
-from stm_jax.model import GPT
+from stm_jax.model import GPT, Record
 
 
-def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
-    """Token ids of ``prompt``; characters the model never saw are an error naming them.
+def encode_prompt(tokenizer: data.Vocab | data.BPETokenizer, prompt: str) -> np.ndarray:
+    """Token ids of ``prompt``; characters a character model never saw are an error naming
+    them (a byte-level BPE encodes any text).
 
     Even a vocabulary with an unknown symbol refuses them: the unknown id never occurs in the
     train split, so its embedding is untrained and conditioning on it means nothing.
     """
     if not prompt:
         raise UserError("the prompt is empty; give at least one character to continue from")
-    missing = sorted(set(prompt) - set(vocab.chars), key=prompt.index)
+    if tokenizer.kind != "char":
+        return tokenizer.encode(prompt)
+    missing = sorted(set(prompt) - set(tokenizer.chars), key=prompt.index)
     if missing:
         listed = ", ".join(repr(c) for c in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise UserError(f"the prompt has characters not in the model's vocabulary: {listed}"
-                         f"{more}; the model knows {len(vocab.chars)} characters")
-    return vocab.encode(prompt)
+                         f"{more}; the model knows {len(tokenizer.chars)} characters")
+    return tokenizer.encode(prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached forward pass
+
+
+def prefill(model: GPT, window: jax.Array) -> tuple[jax.Array, dict]:
+    """Logits (T, V) of one window (T,) and the key-value cache {"k", "v": (L, H, T, p)}."""
+    logits, stats = model(window[None], record=Record(inputs=True))
+    inputs = stats["input"][:, 0]  # (L, T, d): each layer's attention input u^l
+    cache = {name: jnp.stack([attention.project(block.attention_params(model.compute_dtype),
+                                                u, name)
+                              for block, u in zip(model.blocks, inputs, strict=True)])
+             for name in ("k", "v")}
+    return logits[0], cache
+
+
+def decode(model: GPT, cache: dict, token: jax.Array, position) -> tuple[jax.Array, dict]:
+    """Logits (V,) after ``token`` at ``position``, given the cache of the positions before
+    it; returns the cache with this token's keys and values added."""
+    dtype = model.compute_dtype
+    x = model.token_embed(token) + model.position_embed[position]  # (d,)
+    keys, values = [], []
+    for block, k, v in zip(model.blocks, cache["k"], cache["v"], strict=True):
+        u = block.ln_attn(x).astype(dtype)
+        out, k, v = attention.decode_attention(block.attention_params(dtype), u, k, v,
+                                               position)
+        x = x + out.astype(x.dtype)
+        x = x + block.mlp(x[None], dtype)[0].astype(x.dtype)
+        keys.append(k)
+        values.append(v)
+    return model.logits(x), {"k": jnp.stack(keys), "v": jnp.stack(values)}
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fn(graphdef, top_k: int | None, greedy: bool, unknown_id: int | None):
-    """The jitted next-token draw for one model structure and sampling rule (compiled once)."""
+def _programs(graphdef):
+    """The jitted prefill and decode step of one model structure (compiled once each)."""
 
-    def step(state, window, length, key, temperature):
-        model = nnx.merge(graphdef, state)
-        logits, _ = model(window[None])  # (1, context, V)
-        logits = logits[0, length - 1]
+    def run_prefill(state, window):
+        return prefill(nnx.merge(graphdef, state), window)
+
+    def run_decode(state, cache, token, position):
+        return decode(nnx.merge(graphdef, state), cache, token, position)
+
+    return jax.jit(run_prefill), jax.jit(run_decode, donate_argnums=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _draw_fn(top_k: int | None, greedy: bool, unknown_id: int | None):
+    """The jitted next-token draw from one row of logits."""
+
+    def draw(logits, key, temperature):
         if unknown_id is not None:  # never emit the placeholder for unseen characters
             logits = logits.at[unknown_id].set(-jnp.inf)
         if greedy:
@@ -57,46 +108,77 @@ def _step_fn(graphdef, top_k: int | None, greedy: bool, unknown_id: int | None):
             logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
         return jax.random.categorical(key, logits)
 
-    return jax.jit(step)
+    return jax.jit(draw)
 
 
-def _check_options(vocab: data.Vocab, num_chars: int, temperature: float, top_k: int | None):
-    if num_chars < 0:
-        raise UserError(f"num_chars={num_chars} must be >= 0")
+def _check_options(tokenizer, num_tokens: int, temperature: float, top_k: int | None):
+    if num_tokens < 0:
+        raise UserError(f"num_tokens={num_tokens} must be >= 0")
     if not temperature >= 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 picks the likeliest char)")
-    if top_k is not None and not 1 <= top_k <= len(vocab.chars):
-        raise UserError(f"top_k={top_k} must be between 1 and the {len(vocab.chars)} "
-                         "characters of the vocabulary (or None for no limit)")
+        raise UserError(f"temperature={temperature} must be >= 0 (0 picks the likeliest token)")
+    if top_k is not None and not 1 <= top_k <= tokenizer.size:
+        raise UserError(f"top_k={top_k} must be between 1 and the {tokenizer.size} tokens of "
+                         "the vocabulary (or None for no limit)")
+
+
+class Sampler:
+    """The token stream of one model: ``next_logits`` for the text so far, ``push`` a token."""
+
+    def __init__(self, model: GPT):
+        graphdef, self.state = nnx.split(model)
+        self.context = model.context
+        self._prefill, self._decode = _programs(graphdef)
+        self.tokens: list[int] = []
+        self.cache, self.length, self.logits = None, 0, None
+
+    def start(self, tokens) -> jax.Array:
+        """Prefill with the last ``context`` of ``tokens``; the next token's logits (V,)."""
+        self.tokens = [int(t) for t in tokens]
+        return self._refill(self.tokens[-self.context:])
+
+    def _refill(self, visible: list[int]) -> jax.Array:
+        window = np.zeros(self.context, np.int32)
+        window[:len(visible)] = visible
+        logits, self.cache = self._prefill(self.state, window)
+        self.length = len(visible)
+        self.logits = logits[self.length - 1]
+        return self.logits
+
+    def push(self, token: int) -> jax.Array:
+        """Append ``token``; the logits of the token after it (V,)."""
+        self.tokens.append(int(token))
+        if self.length == self.context:  # full: keep the last half, recomputed
+            return self._refill(self.tokens[-max(1, self.context // 2):])
+        self.logits, self.cache = self._decode(self.state, self.cache, jnp.int32(token),
+                                               jnp.int32(self.length))
+        self.length += 1
+        return self.logits
 
 
 def sample(
     model: GPT,
-    vocab: data.Vocab,
+    tokenizer: data.Vocab | data.BPETokenizer,
     prompt: str,
     *,
-    num_chars: int,
+    num_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
 ) -> str:
-    """``num_chars`` characters continuing ``prompt`` (the prompt itself is not included).
+    """The text of ``num_tokens`` tokens continuing ``prompt`` (the prompt not included).
 
     ``temperature`` divides the logits (0 means greedy); ``top_k`` keeps only the k likeliest
-    characters. Only the last ``model.context`` characters of the text so far are seen.
+    tokens. The model sees the last ``model.context`` tokens at most (module docstring).
     """
-    _check_options(vocab, num_chars, temperature, top_k)
-    tokens = list(encode_prompt(vocab, prompt))
-    graphdef, state = nnx.split(model)
-    step = _step_fn(graphdef, top_k, temperature == 0, vocab.unknown_id)
-    context, base_key = model.context, jax.random.PRNGKey(seed)
+    _check_options(tokenizer, num_tokens, temperature, top_k)
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    draw = _draw_fn(top_k, temperature == 0, tokenizer.unknown_id)
+    sampler, base_key = Sampler(model), jax.random.PRNGKey(seed)
     generated = []
-    for index in range(num_chars):
-        visible = tokens[-context:]
-        window = np.zeros(context, np.int32)
-        window[:len(visible)] = visible
-        token = int(step(state, window, len(visible), jax.random.fold_in(base_key, index),
-                         max(temperature, 1e-6)))
-        tokens.append(token)
+    logits = sampler.start(prompt_ids) if num_tokens else None
+    for index in range(num_tokens):
+        token = int(draw(logits, jax.random.fold_in(base_key, index), max(temperature, 1e-6)))
         generated.append(token)
-    return vocab.decode(np.asarray(generated, np.int32))
+        if index + 1 < num_tokens:
+            logits = sampler.push(token)
+    return tokenizer.decode(np.asarray(generated, np.int32))

@@ -1,4 +1,5 @@
-"""``load_trained(workdir)``: the model a training run left in its workdir, read-only.
+"""``load_trained(workdir)``: the model a training run left in its workdir, read-only;
+``load_checkpoint(path)``: that, or a Hugging Face GPT-2 directory, with its tokenizer.
 
 Evaluation and sampling need the exact model training produced: the config it ran with
 (``config.json``, which holds the vocabulary size filled in from the data), the vocabulary that
@@ -20,7 +21,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from stm_jax import data
+from stm_jax import data, pretrained
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, steps
@@ -109,3 +110,35 @@ def load_trained(
                                 expected_metadata=checkpoint_metadata(config, vocab),
                                 upgrade_metadata=upgrade_metadata)
     return build_model(config, state["params"]), config, vocab, int(step)
+
+
+def load_checkpoint(
+    path: str | Path, *, tokenizer: str | Path | None = None, step: int | None = None
+) -> tuple[model_lib.GPT, data.Vocab | data.BPETokenizer, str]:
+    """(model, tokenizer, description) of a training workdir or a Hugging Face GPT-2 directory.
+
+    A GPT-2 directory's tokenizer is its own ``tokenizer.json`` unless ``tokenizer`` names
+    another; its size must be the checkpoint's vocabulary. A workdir's tokenizer is its own
+    (``tokenizer`` must then be the same file, if given).
+    """
+    path = Path(path).expanduser()
+    if not pretrained.is_gpt2_dir(path):
+        model, _, vocab, step = load_trained(path, step)
+        if tokenizer is not None and data.BPETokenizer.load(tokenizer) != vocab:
+            raise UserError(f"{tokenizer} is not the tokenizer {path} was trained with; leave "
+                            "--tokenizer out for a training workdir.")
+        return model, vocab, f"{path.name} at step {step}"
+    if step is not None:
+        raise UserError(f"{path} is a GPT-2 directory, which has no steps; leave --step out.")
+    tokenizer_path = Path(tokenizer).expanduser() if tokenizer else \
+        path / pretrained.TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise UserError(f"{tokenizer_path} does not exist: {path} has no tokenizer.json; pass "
+                        "the one the checkpoint was trained with as --tokenizer=PATH.")
+    vocab = data.BPETokenizer.load(tokenizer_path)
+    hf = pretrained.read_hf_config(path)
+    if vocab.size != hf["vocab_size"]:
+        raise UserError(f"{tokenizer_path} has {vocab.size:,} tokens but {path} has a "
+                        f"vocabulary of {hf['vocab_size']:,}: they do not belong together; pass "
+                        "the checkpoint's own tokenizer.json.")
+    return pretrained.load_gpt2(path), vocab, f"GPT-2 {path.name}"
