@@ -40,13 +40,15 @@ def parse_sigmas(values: list[str]) -> list[float]:
 def summary_lines(results: dict) -> list[str]:
     """The headline numbers; the report has the rest."""
     lines = [f"step {results['step']}"]
+    bits = results["settings"]["bits"]
+    name, unit = ("bpc", "chars") if bits == "bpc" else ("bits/token", "tokens")
     for split, split_results in results["splits"].items():
         clean = split_results["clean"]
-        lines.append(f"{split}: bpc {clean['bpc']:.4f} | top-1 {clean['accuracy']:.3f} | "
-                     f"{clean['num_tokens']:,} chars")
+        lines.append(f"{split}: {name} {clean[bits]:.4f} | bpb {clean['bpb']:.4f} | top-1 "
+                     f"{clean['accuracy']:.3f} | {clean['num_tokens']:,} {unit}")
         for mode, rows in split_results["robustness"].items():
-            cells = ", ".join(f"{row['sigma']:g}: {row['bpc']:.3f}" for row in rows)
-            lines.append(f"  {mode} noise, bpc at sigma {cells}")
+            cells = ", ".join(f"{row['sigma']:g}: {row[bits]:.3f}" for row in rows)
+            lines.append(f"  {mode} noise, {name} at sigma {cells}")
     lines += [f"{split}: skipped ({reason})" for split, reason in
               results["skipped_splits"].items()]
     for layer in results["margins"]["layers"]:

@@ -2,7 +2,8 @@
 
 It restores the latest checkpoint (read-only), then measures
 
-* bits per character and next-character top-1 accuracy on the held-out splits;
+* bits per character (per token in a subword model) and per UTF-8 byte, and next-token top-1
+  accuracy on the held-out splits;
 * robustness to embedding noise: Gaussian noise of scale sigma added to the layer-0 latent
   ``model.embed(tokens)`` (token + position embedding), either as it is ("absolute") or
   multiplied by each token's embedding RMS ("relative", which controls for a model that only
@@ -94,12 +95,19 @@ def _conditions(sigmas: Sequence[float], modes: Sequence[str]) -> list[tuple[str
     return pairs
 
 
+def bits_key(vocab) -> str:
+    """What ce / ln 2 is called: "bpc" (bits per character) in a character model, else
+    "bits_per_token"; every model also gets "bpb", bits per UTF-8 byte."""
+    return "bpc" if vocab.kind == "char" else "bits_per_token"
+
+
 def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, sigmas, modes,
-                seed) -> dict:
-    """BPC and accuracy of one split under every (mode, sigma), summed over full batches."""
+                seed, token_bytes: np.ndarray, bits: str = "bpc") -> dict:
+    """Bits per token (``bits``) and per byte, and accuracy, of one split under every
+    (mode, sigma), summed over full batches; ``token_bytes``: the UTF-8 bytes of each id."""
     conditions = _conditions(sigmas, modes)
     totals = {condition: np.zeros(2) for condition in conditions}
-    num_batches, base_key = 0, jax.random.PRNGKey(seed)
+    num_batches, num_bytes, base_key = 0, 0, jax.random.PRNGKey(seed)
     for index, (inputs, targets) in enumerate(data.eval_batches(
             tokens, batch_size=batch_size, context=context, max_batches=max_batches)):
         key = jax.random.fold_in(base_key, index)
@@ -108,12 +116,13 @@ def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, s
                                     jnp.asarray(mode == "relative"))
             totals[mode, sigma] += np.asarray([float(nll), float(correct)])
         num_batches += 1
+        num_bytes += int(token_bytes[targets].sum())
     num_tokens = num_batches * batch_size * context
 
     def summary(condition):
         nll, correct = totals[condition]
-        return {"bpc": nll / num_tokens / math.log(2), "ce_nats": nll / num_tokens,
-                "accuracy": correct / num_tokens}
+        return {bits: nll / num_tokens / math.log(2), "bpb": nll / num_bytes / math.log(2),
+                "ce_nats": nll / num_tokens, "accuracy": correct / num_tokens}
 
     clean = summary(("clean", 0.0))
     robustness = {
@@ -121,8 +130,8 @@ def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, s
                for sigma in sigmas]
         for mode in modes
     }
-    return {"clean": {**clean, "num_batches": num_batches, "num_tokens": num_tokens},
-            "robustness": robustness}
+    return {"clean": {**clean, "num_batches": num_batches, "num_tokens": num_tokens,
+                      "num_bytes": num_bytes}, "robustness": robustness}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +215,8 @@ def support_window_details(inputs: np.ndarray, stats: dict, vocab: data.Vocab, *
                 "infeasible": np.flatnonzero(stats["sign"][layer, index] <= 0).tolist(),
             })
         windows.append({"window": index, "start": index * context,
-                        "text": vocab.decode(inputs[index]), "layers": layers})
+                        "text": vocab.decode(inputs[index]),
+                        "pieces": vocab.pieces(inputs[index]), "layers": layers})
     return windows
 
 
@@ -287,7 +297,8 @@ def evaluate_workdir(
             continue
         split_results[split] = score_split(
             score_fn, params, tokens[split], batch_size=batch_size, context=context,
-            max_batches=max_batches, sigmas=sigmas, modes=modes, seed=seed)
+            max_batches=max_batches, sigmas=sigmas, modes=modes, seed=seed,
+            token_bytes=vocab.token_bytes, bits=bits_key(vocab))
 
     margin_inputs, stats = margin_windows(
         make_margin_fn(graphdef), params, tokens["validation"], context=context,
@@ -308,7 +319,7 @@ def evaluate_workdir(
         "settings": {"sigmas": sigmas, "noise_modes": modes, "splits": list(splits),
                      "max_batches": max_batches, "batch_size": batch_size, "context": context,
                      "margin_batches": margin_batches, "margin_batch_size": margin_batch_size,
-                     "seed": seed},
+                     "seed": seed, "bits": bits_key(vocab), "tokenizer": vocab.describe()},
         "splits": split_results, "skipped_splits": skipped, "margins": margins,
     }
     _write_outputs(workdir, results, stats, tau, margin_inputs)

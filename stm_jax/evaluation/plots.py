@@ -11,15 +11,17 @@ from matplotlib.figure import Figure
 
 
 def plot_bpc_vs_sigma(results: dict) -> Figure:
-    """BPC against sigma, one line per split and noise mode."""
+    """Bits per character (token) against sigma, one line per split and noise mode."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
+    bits = results["settings"]["bits"]
     for split, split_results in results["splits"].items():
         for mode, rows in split_results["robustness"].items():
-            axes.plot([r["sigma"] for r in rows], [r["bpc"] for r in rows], marker="o",
+            axes.plot([r["sigma"] for r in rows], [r[bits] for r in rows], marker="o",
                       linestyle="-" if split == "validation" else "--", label=f"{split}, {mode}")
-    axes.set(xlabel="embedding noise sigma", ylabel="bits per character",
-             title=f"BPC under embedding noise (step {results['step']})")
+    unit = "character" if bits == "bpc" else "token"
+    axes.set(xlabel="embedding noise sigma", ylabel=f"bits per {unit}",
+             title=f"Bits per {unit} under embedding noise (step {results['step']})")
     axes.grid(alpha=0.3)
     axes.legend()
     return figure

@@ -28,12 +28,13 @@ def _marker_line(layer: dict, length: int) -> str:
     return "".join(marks).rstrip()
 
 
-def _robustness_table(rows_by_mode: dict) -> list[str]:
+def _robustness_table(rows_by_mode: dict, bits: str) -> list[str]:
     modes = list(rows_by_mode)
-    header = "| sigma | " + " | ".join(f"{m} BPC | {m} top-1" for m in modes) + " |"
+    name = "BPC" if bits == "bpc" else "bits/token"
+    header = "| sigma | " + " | ".join(f"{m} {name} | {m} top-1" for m in modes) + " |"
     lines = [header, "|---" * (1 + 2 * len(modes)) + "|"]
     for i, row in enumerate(rows_by_mode[modes[0]]):
-        cells = [f"{rows_by_mode[m][i]['bpc']:.4f} | {rows_by_mode[m][i]['accuracy']:.3f}"
+        cells = [f"{rows_by_mode[m][i][bits]:.4f} | {rows_by_mode[m][i]['accuracy']:.3f}"
                  for m in modes]
         lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
     return lines
@@ -82,14 +83,19 @@ def _windows_section(margins: dict) -> list[str]:
              "the position of the character above it (its latent u_t). "
              "\u21b5 is a newline.", ""]
     for window in margins["windows"]:
-        text = visible(window["text"])
-        lines += [f"Window {window['window']} (characters {window['start']}-"
-                  f"{window['start'] + len(text) - 1}):", "", "```", f"text    | {text}"]
-        lines += [f"layer {layer['layer']:<2}| {_marker_line(layer, len(text))}"
-                  for layer in window["layers"]]
+        pieces = [visible(piece) for piece in window.get("pieces", window["text"])]
+        text = "".join(pieces)
+        if len(text) == len(pieces):  # one character per token: marks under the text
+            lines += [f"Window {window['window']} (characters {window['start']}-"
+                      f"{window['start'] + len(text) - 1}):", "", "```", f"text    | {text}"]
+            lines += [f"layer {layer['layer']:<2}| {_marker_line(layer, len(text))}"
+                      for layer in window["layers"]]
+        else:
+            lines += [f"Window {window['window']} (tokens {window['start']}-"
+                      f"{window['start'] + len(pieces) - 1}):", "", "```", text]
         lines += ["```", ""]
         for layer in window["layers"]:
-            smallest = ", ".join(f"{text[i]!r}@{i} {layer['margin'][i]:.3f}"
+            smallest = ", ".join(f"{pieces[i]!r}@{i} {layer['margin'][i]:.3f}"
                                  for i in sorted(layer["bottom_k"],
                                                  key=lambda i, m=layer["margin"]: m[i]))
             lines.append(f"* layer {layer['layer']} bottom-{len(layer['bottom_k'])}: {smallest}")
@@ -100,6 +106,8 @@ def _windows_section(margins: dict) -> list[str]:
 def format_report(results: dict) -> str:
     """``eval_report.md``: what a person reads first; every number is also in the JSON."""
     settings, model = results["settings"], results["model"]
+    bits = settings["bits"]
+    unit = "character" if bits == "bpc" else "token"
     limit = settings["max_batches"]
     windows = "all full batches" if limit is None else f"at most {limit} batches"
     lines = [
@@ -107,7 +115,7 @@ def format_report(results: dict) -> str:
         f"Model: {model['num_layers']} layers, {model['num_heads']} heads, d = "
         f"{model['d_model']}, context {model['context']}, vocabulary {model['vocab_size']}; "
         f"objective {results['objective']}. Data: {results['data']['source']}.",
-        f"Windows: batches of {settings['batch_size']} x {settings['context']} characters, "
+        f"Windows: batches of {settings['batch_size']} x {settings['context']} {unit}s, "
         f"{windows} per split; noise seed {settings['seed']}.", "",
     ]
     if results["data"].get("note"):
@@ -117,20 +125,22 @@ def format_report(results: dict) -> str:
         counts = ", ".join(f"{split} {n:,}" for split, n in unknown.items())
         lines += [f"Held-out characters outside the train vocabulary (scored as the unknown "
                   f"id): {counts}.", ""]
-    lines += ["## Bits per character", "", "| split | BPC | top-1 accuracy | characters |",
-              "|---|---|---|---|"]
+    lines += [f"## Bits per {unit} and per byte", "",
+              f"| split | bits per {unit} | bits per byte | top-1 accuracy | {unit}s | bytes |",
+              "|---|---|---|---|---|---|"]
     for split, split_results in results["splits"].items():
         clean = split_results["clean"]
-        lines.append(f"| {split} | {clean['bpc']:.4f} | {clean['accuracy']:.3f} | "
-                     f"{clean['num_tokens']:,} |")
+        lines.append(f"| {split} | {clean[bits]:.4f} | {clean['bpb']:.4f} | "
+                     f"{clean['accuracy']:.3f} | {clean['num_tokens']:,} | "
+                     f"{clean['num_bytes']:,} |")
     for split, reason in results["skipped_splits"].items():
-        lines.append(f"| {split} | not evaluated: {reason} | | |")
+        lines.append(f"| {split} | not evaluated: {reason} | | | | |")
     lines.append("")
     for split, split_results in results["splits"].items():
         lines += [f"## Robustness to embedding noise ({split})", "",
                   "Gaussian noise of scale sigma on the token + position embedding; relative: "
                   "times each token's embedding RMS.", ""]
-        lines += _robustness_table(split_results["robustness"]) + [""]
+        lines += _robustness_table(split_results["robustness"], bits) + [""]
     lines += _margin_section(results["margins"])
     lines += _windows_section(results["margins"])
     lines += ["", f"Plots: `{BPC_PLOT}`, `{MARGIN_PLOT}`. All numbers: `{RESULTS_FILE}`.", ""]
