@@ -212,6 +212,13 @@ def test_positions_and_chunks_give_the_same_statistics(x64, positions, chunk_siz
     np.testing.assert_allclose(stats.logdet, full.logdet[index], atol=1e-12)
     np.testing.assert_allclose(stats.head_logdet, full.head_logdet[:, index], atol=1e-12)
     np.testing.assert_array_equal(stats.head_sign, full.head_sign[:, index])
+    # Margins of the chosen positions only (analyze.py's chunks) equal those of every token.
+    m = attention.attention_moments(params, u)
+    for scope in ("layer", "head"):
+        some = jax.jit(attention.margins_of, static_argnums=2)(params, m, scope,
+                                                                jnp.asarray(index))
+        np.testing.assert_allclose(some, attention.margins(params, u, scope=scope)[..., index],
+                                   atol=1e-12)
     # Gradients through the chunked, rematerialised path equal the plain ones.
     total = lambda s: jnp.sum(s.logdet) + jnp.sum(s.head_logdet)  # noqa: E731
     plain = jax.jit(jax.grad(lambda p: total(jax.tree.map(

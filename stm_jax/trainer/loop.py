@@ -91,6 +91,8 @@ def with_pretrained(config) -> tuple[ml_collections.ConfigDict, dict | None]:
     if not config.init_from:
         return config, None
     model_cfg, params = pretrained.read_gpt2(config.init_from, context=config.model.context)
+    check_tokenizer_fits(data.BPETokenizer.load(config.data.tokenizer), config.data.tokenizer,
+                         model_cfg.vocab_size, config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())
     for key in pretrained.ARCHITECTURE_KEYS:
         config.model[key] = model_cfg[key]
@@ -109,10 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config, initial_params = with_pretrained(config)
     workdir = workdir_lib.preflight(workdir, config)
     splits, vocab, info = load_splits(config, workdir)
-    if initial_params is not None and vocab.size != config.model.vocab_size:
-        raise UserError(f"data.tokenizer {config.data.tokenizer} has {vocab.size:,} tokens but "
-                        f"the checkpoint {config.init_from} has {config.model.vocab_size:,}; "
-                        "use the tokenizer.json that came with the checkpoint.")
+    if initial_params is not None:  # the workdir's own tokenizer.json, on a resumed run
+        check_tokenizer_fits(vocab, workdir, config.model.vocab_size, config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     config.model.vocab_size = vocab.size
 
@@ -197,6 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             files.write_json(workdir / workdir_lib.SUMMARY_FILE, summary, indent=2)
             progress.done(step, final)
             return summary
+
+
+def check_tokenizer_fits(tokenizer, where, vocab_size: int, checkpoint: str) -> None:
+    if tokenizer.size != vocab_size:
+        raise UserError(f"the tokenizer of {where} has {tokenizer.size:,} tokens but the "
+                        f"checkpoint {checkpoint} has a vocabulary of {vocab_size:,}; use the "
+                        "tokenizer.json that came with the checkpoint.")
 
 
 def load_splits(config, workdir: Path) -> tuple[dict, data.Vocab, dict]:
