@@ -16,7 +16,7 @@ from _gpt2_helpers import reference_logits, tiny_hf_config, write_gpt2_dir
 from _train_helpers import write_text
 from flax import nnx
 
-from configs import common, tiny
+from configs import common, gpt2_finetune, tiny
 from stm_jax import data, pretrained
 from stm_jax.data.tokenizer import BPETokenizer
 from stm_jax.errors import UserError
@@ -151,14 +151,13 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resumes(tmp_path):
     tokenizer = BPETokenizer.train([corpus.read_text()], 300)
     hf = tiny_hf_config(tokenizer.size, n_positions=24)
     write_gpt2_dir(tmp_path / "gpt2", hf, seed=6, tokenizer_json=tokenizer.serialized)
-    config = tiny.get_config("margin")
+    config = gpt2_finetune.get_config("cpu,margin")
     config.init_from = str(tmp_path / "gpt2")
     config.data.update(text_file=str(corpus), tokenizer=str(tmp_path / "gpt2/tokenizer.json"),
                        cache_dir=str(tmp_path / "cache"))
     config.model.context = 16  # shorter than n_positions: the first 16 position embeddings
-    config.update(num_steps=4, log_every=1, eval_every=2, checkpoint_every=2, progress=False,
+    config.update(num_steps=4, batch_size=8, eval_every=2, checkpoint_every=2, progress=False,
                   peak_flops=1e11)
-    config.optimizer.decay_steps = 6
     summary = train_and_evaluate(config, tmp_path / "run")
     assert summary["status"] == "finished" and np.isfinite(summary["val_bpb"])
     # Step 1's loss is the loaded model's on step 0's batch: training started from GPT-2.
