@@ -1,8 +1,9 @@
 """stm_jax: stability-margin training of causal language models in JAX/Flax.
 
 The package is laid out in rings, each importing only from the rings inside it:
-``core`` (the paper's mathematics) <- ``model``, ``objective``, ``data`` <- ``trainer``,
-``evaluation`` <- ``bench``, ``study``; ``errors`` and ``files`` serve them all. The README's
+``core`` (the paper's mathematics) <- ``model``, ``data`` <- ``objective``, ``pretrained``
+(GPT-2 checkpoints) <- ``trainer`` <- ``evaluation`` <- ``bench``, ``study``; ``errors`` and
+``files`` serve them all. The README's
 Architecture section walks through them.
 """
 

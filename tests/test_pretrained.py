@@ -83,26 +83,29 @@ def test_model_config_has_every_model_key():
 
 
 def test_kv_cache_logits_equal_the_uncached_forward_pass(tmp_path):
-    hf = tiny_hf_config(VOCAB, n_positions=12)
+    """Prefill windows of 16 and 32 tokens, decoding up to the context of 40, and the refill
+    with its last 20 tokens when it is full."""
+    hf = tiny_hf_config(VOCAB, n_positions=40)
     write_gpt2_dir(tmp_path, hf, seed=4)
     model = pretrained.load_gpt2(tmp_path)
-    tokens = np.random.default_rng(2).integers(0, VOCAB, 30)
+    tokens = np.random.default_rng(2).integers(0, VOCAB, 90)
     forward = nnx.jit(lambda m, x: m(x)[0][0])
 
     def last_logits(visible):  # right-padded to one shape: causal attention ignores the pad
-        window = np.zeros(12, np.int32)
+        window = np.zeros(40, np.int32)
         window[:len(visible)] = visible
         return forward(model, jnp.asarray(window)[None])[len(visible) - 1]
 
     sampler = sampling.Sampler(model)
     np.testing.assert_allclose(sampler.start(tokens[:3]), last_logits(tokens[:3]), atol=1e-4)
-    window_start = 0
-    for position in range(3, 29):
+    window_start, refills = 0, 0
+    for position in range(3, 89):
         got = sampler.push(tokens[position])
-        if position + 1 - window_start > 12:  # the sampler keeps the last half of the window
-            window_start = position + 1 - 6
+        if position + 1 - window_start > 40:  # the sampler keeps the last half of the window
+            window_start, refills = position + 1 - 20, refills + 1
         np.testing.assert_allclose(got, last_logits(tokens[window_start:position + 1]),
                                    atol=1e-4)
+    assert refills == 3
 
 
 def test_greedy_sampling_is_the_argmax_of_the_forward_pass(tmp_path):

@@ -317,16 +317,19 @@ def decode_attention(params: dict, u: jax.Array, keys: jax.Array, values: jax.Ar
 
     u: (d,), the layer input of the token at ``position``; keys, values: (H, S, p), the cached
     k and v of positions 0..position-1 (later slots are ignored). Returns (out (d,), keys,
-    values) with the token's own k and v written at ``position``: the same out_t as
-    ``causal_self_attention`` on the whole prefix, at O(S) instead of O(S^2) work.
+    values) with the token's own k and v written at ``position`` (first, so that a donated
+    cache is updated in place): the same out_t as ``causal_self_attention`` on the whole
+    prefix, at O(S) instead of O(S^2) work.
     """
     q, k, v = (project(params, u[None], name)[:, 0] for name in ("q", "k", "v"))  # (H, p)
     keys = keys.at[:, position].set(k.astype(keys.dtype))
     values = values.at[:, position].set(v.astype(values.dtype))
     softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("hp,hsp->hs", q, keys).astype(softmax_dtype) / jnp.sqrt(q.shape[-1])
-    scores = jnp.where(jnp.arange(keys.shape[1]) <= position, scores, -jnp.inf)
-    o = jnp.einsum("hs,hsp->hp", jax.nn.softmax(scores, axis=-1).astype(q.dtype), values)
+    scores = jnp.einsum("hp,hsp->hs", q, keys.astype(q.dtype)).astype(softmax_dtype)
+    scores = jnp.where(jnp.arange(keys.shape[1]) <= position, scores / jnp.sqrt(q.shape[-1]),
+                       -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    o = jnp.einsum("hs,hsp->hp", weights, values.astype(q.dtype))
     out = jnp.einsum("hp,hpd->d", o, params["wo"])
     return (out if params.get("bo") is None else out + params["bo"]), keys, values
 

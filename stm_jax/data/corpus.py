@@ -168,6 +168,12 @@ def chunk_batches(source: TextSource) -> Iterator[tuple[list[str], int]]:
     yield list(iter_chunks(rest, final=True)[0]), 0
 
 
+def chunks(source: TextSource) -> Iterator[str]:
+    """The chunks of ``source`` one by one (BPE training reads them)."""
+    for batch, _ in chunk_batches(source):
+        yield from batch
+
+
 def _encode(source: TextSource, tokenizer: BPETokenizer, path: Path, progress: bool) -> dict:
     from tqdm import tqdm
 

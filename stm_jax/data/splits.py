@@ -297,8 +297,7 @@ def _bpe_for(data_cfg, workdir: Path | None, train: corpus.TextSource) -> BPETok
         return tokenizer
     if given is not None:
         return given
-    return BPETokenizer.train((chunk for chunks, _ in corpus.chunk_batches(train)
-                               for chunk in chunks), data_cfg.vocab_size)
+    return BPETokenizer.train(corpus.chunks(train), data_cfg.vocab_size)
 
 
 def _load_subword(data_cfg, workdir, progress: bool):

@@ -2,15 +2,16 @@
 key-value cache.
 
 The prompt's last ``model.context`` tokens are run through the model once (``prefill``: the
-model's own forward pass on a fixed-size window, left-aligned at position 0 as in training and
-padded on the right, which causal attention ignores), keeping every layer's keys and values.
+model's own forward pass on a window of 16, 32, 64, ... tokens, left-aligned at position 0 as
+in training and padded on the right, which causal attention ignores), keeping every layer's
+keys and values.
 Each new token then costs one token's work per layer (``decode``:
 ``core.attention.decode_attention`` against the cache), not a forward pass over the context;
 its logits are those of the forward pass over the same tokens. When the window is full, the
 last half of it is run through ``prefill`` again, so the model always sees at least
 ``context / 2`` tokens and the position embeddings never run out. Both steps are compiled once
-per model. Randomness is ``fold_in(PRNGKey(seed), i)`` for the i-th token: the same seed gives
-the same text.
+per model and window size. Randomness is ``fold_in(PRNGKey(seed), i)`` for the i-th token: the
+same seed gives the same text.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def encode_prompt(tokenizer: data.Vocab | data.BPETokenizer, prompt: str) -> np.
 
 
 def prefill(model: GPT, window: jax.Array) -> tuple[jax.Array, dict]:
-    """Logits (T, V) of one window (T,) and the key-value cache {"k", "v": (L, H, T, p)}."""
+    """Logits (T, V) of one window (T,) and the key-value cache {"k", "v": L x (H, C, p)},
+    one array per layer of the context C (each updated in place by ``decode``)."""
     logits, stats = model(window[None], record=Record(inputs=True))
     inputs = stats["input"][:, 0]  # (L, T, d): each layer's attention input u^l
-    cache = {name: jnp.stack([attention.project(block.attention_params(model.compute_dtype),
-                                                u, name)
-                              for block, u in zip(model.blocks, inputs, strict=True)])
+    pad = ((0, 0), (0, model.context - window.shape[0]), (0, 0))  # room for the tokens to come
+    cache = {name: [jnp.pad(attention.project(block.attention_params(model.compute_dtype), u,
+                                              name), pad)
+                    for block, u in zip(model.blocks, inputs, strict=True)]
              for name in ("k", "v")}
     return logits[0], cache
 
@@ -73,11 +76,11 @@ def decode(model: GPT, cache: dict, token: jax.Array, position) -> tuple[jax.Arr
         u = block.ln_attn(x).astype(dtype)
         out, k, v = attention.decode_attention(block.attention_params(dtype), u, k, v,
                                                position)
-        x = x + out.astype(x.dtype)
-        x = x + block.mlp(x[None], dtype)[0].astype(x.dtype)
         keys.append(k)
         values.append(v)
-    return model.logits(x), {"k": jnp.stack(keys), "v": jnp.stack(values)}
+        x = x + out.astype(x.dtype)
+        x = x + block.mlp(x[None], dtype)[0].astype(x.dtype)
+    return model.logits(x), {"k": keys, "v": values}
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,7 +140,10 @@ class Sampler:
         return self._refill(self.tokens[-self.context:])
 
     def _refill(self, visible: list[int]) -> jax.Array:
-        window = np.zeros(self.context, np.int32)
+        # Windows of 16, 32, 64, ... tokens (at most the context): a short prompt does not pay
+        # for a whole context, and few window sizes are compiled.
+        size = min(self.context, max(16, 1 << (len(visible) - 1).bit_length()))
+        window = np.zeros(size, np.int32)
         window[:len(visible)] = visible
         logits, self.cache = self._prefill(self.state, window)
         self.length = len(visible)
