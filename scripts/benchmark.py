@@ -5,15 +5,13 @@ with the measured value next to each; writes both to ``--out`` as JSON and markd
 ``--device=gpu`` runs matmuls in bfloat16 (softmax, losses and determinants stay float32).
 """
 
-import platform
 import sys
-from pathlib import Path
 
 import _bootstrap
 import jax
 from absl import flags, logging
 
-from stm_jax import files, objective
+from stm_jax import objective
 from stm_jax.bench import benchmark, report
 from stm_jax.errors import UserError
 from stm_jax.trainer import flops
@@ -95,17 +93,12 @@ def main(argv):
             determinants.append({"config": label, **benchmark.determinant_share(config, rate)})
     single = benchmark.single_barrier_evaluation() if FLAGS.single_barrier else []
     result = {
-        "machine": f"Machine: {platform.processor() or platform.machine()}, "
-                   f"{jax.device_count()} x {jax.devices()[0].device_kind}, matmul "
-                   f"{rate / 1e9:.0f} GFLOP/s, jax {jax.__version__}",
+        "machine": report.machine(f"matmul {rate / 1e9:.0f} GFLOP/s"),
         "matmul_flops": rate, "rows": rows, "estimator": spreads, "determinants": determinants,
         "single_barrier": single,
         "targets": report.targets_table(rows, peer_tokens_per_s=FLAGS.peer_tokens_per_s),
         "command": " ".join(sys.argv)}
-    markdown = report.format_report(result)
-    files.write_text(Path(FLAGS.out) / "benchmark.md", markdown)
-    files.write_json(Path(FLAGS.out) / "benchmark.json", result, indent=2)
-    print("\n" + markdown, flush=True)
+    report.write(FLAGS.out, result, report.format_report(result))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,14 @@
 """
 
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import _bootstrap
-import jax
 from absl import flags, logging
 
-from stm_jax import files
-from stm_jax.bench import real_models
+from stm_jax.bench import real_models, report
 
 flags.DEFINE_string("text_file", None, "UTF-8 text to encode (e.g. Tiny Shakespeare).")
 flags.DEFINE_integer("repeat", 8, "Copies of the text in the encoded file.")
@@ -46,16 +43,10 @@ def main(argv):
         speed = real_models.sampling_speed(checkpoint, num_tokens=FLAGS.num_tokens,
                                            recompute_tokens=FLAGS.recompute_tokens, log=log)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    result = {"machine": f"Machine: {platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} cores, {jax.device_count()} x "
-                         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; load average "
-                         f"at the end {load} (other jobs share the cores)",
+    result = {"machine": report.machine(f"{os.cpu_count()} cores, load average at the end "
+                                        f"{load} (other jobs share the cores)"),
               "encoding": encoding, "sampling": speed, "command": " ".join(sys.argv)}
-    markdown = real_models.format_report(result)
-    files.write_text(Path(FLAGS.out) / "benchmark.md", markdown)
-    files.write_json(Path(FLAGS.out) / "benchmark.json", result, indent=2)
-    print("\n" + markdown, flush=True)
-
+    report.write(FLAGS.out, result, real_models.format_report(result))
 
 if __name__ == "__main__":
     _bootstrap.run(main)

@@ -6,7 +6,27 @@ Pure formatting of the dict ``scripts/benchmark.py`` writes as ``benchmark.json`
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
+import jax
+
+from stm_jax import files
 from stm_jax.bench.benchmark import ESTIMATOR_MODES, PEER_MODE
+
+
+def machine(detail: str = "") -> str:
+    """``Machine: x86_64, 1 x cpu, <detail>, jax 0.9.2``: where a benchmark ran."""
+    return (f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
+            f"{jax.devices()[0].device_kind}{', ' + detail if detail else ''}, jax "
+            f"{jax.__version__}")
+
+
+def write(out: str | Path, result: dict, markdown: str) -> None:
+    """``benchmark.md`` and ``benchmark.json`` in ``out``, and the markdown on stdout."""
+    files.write_text(Path(out) / "benchmark.md", markdown)
+    files.write_json(Path(out) / "benchmark.json", result, indent=2)
+    print("\n" + markdown, flush=True)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -286,7 +286,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }
 pre.text { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.6;
            background: #fafafa; padding: 0.8em; border: 1px solid #ddd; }
-span.support { background: #ffd27a; border-radius: 2px; }
+span.support { background: #ffd27a; border-radius: 2px; box-shadow: inset -1px 0 0 #fff; }
 span.support.below-tau { background: #ff8a80; }
 span.tok:empty::after { content: "\\25ab"; color: #999; }
 """
