@@ -73,6 +73,7 @@ def test_head_statistics_match_the_attention_oracle(gpt2_dir, analysed):
     assert results["num_tokens"] == 70 and results["settings"]["windows"] == [40, 30]
     with np.load(out / analyze.ARRAYS_FILE) as arrays:
         head_margin, head_logdet = arrays["head_margin"], arrays["head_logdet"]
+        head_sign = arrays["head_sign"]
     start = 0
     for length in results["settings"]["windows"]:
         window = ids[start:start + length]
@@ -82,6 +83,8 @@ def test_head_statistics_match_the_attention_oracle(gpt2_dir, analysed):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(head_logdet[layer][:, start:start + length],
                                        stats.head_logdet, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(head_sign[layer][:, start:start + length],
+                                          stats.head_sign)
         start += length
     for layer in results["layers"]:
         margin = np.asarray(layer["margin"])
@@ -91,9 +94,12 @@ def test_head_statistics_match_the_attention_oracle(gpt2_dir, analysed):
         expected |= set(np.argsort(margin[:40])[:4].tolist())
         expected |= set((40 + np.argsort(margin[40:])[:4]).tolist())
         assert layer["support"] == sorted(expected)
-        barrier_sum = np.asarray(barrier.smooth_log_barrier(
-            np.sign(np.exp(head_logdet[layer["layer"]])), head_logdet[layer["layer"]], 1e-2))
-        assert layer["infeasible_fraction"] >= 0.0 and np.isfinite(barrier_sum).all()
+        # A token's barrier sums its heads' (as training's head scope); infeasible: any head.
+        index = layer["layer"]
+        per_head = barrier.smooth_log_barrier(head_sign[index], head_logdet[index], 1e-2)
+        np.testing.assert_allclose(layer["barrier"], np.sum(per_head, axis=0), rtol=1e-5)
+        assert layer["infeasible_fraction"] == pytest.approx(
+            float(np.mean(np.any(head_sign[index] <= 0, axis=0))))
     assert "".join(results["tokens"]) == vocab.decode(ids)
 
 
@@ -202,7 +208,7 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(gpt2_dir, tmp_path):
     assert snapshot(tmp_path) == before  # no out folder, nothing else touched
 
 
-@pytest.mark.slow  # ~80 s: two trainings, an evaluation, sampling and an analysis
+@pytest.mark.slow  # 1-2 minutes: two trainings, an evaluation, sampling and an analysis
 def test_a_bpe_run_trains_resumes_evaluates_samples_and_is_analysed(tmp_path):
     corpus = write_text(tmp_path / "corpus.txt", num_lines=500)
     with open(corpus, "a", encoding="utf-8") as file:
