@@ -143,7 +143,7 @@ def format_report(result: dict) -> str:
         "# Real-model benchmarks", "", result["machine"], "", f"Command: `{result['command']}`",
         "", "| measurement | value | target |", "|---|---|---|",
         f"| encoding {enc['text_mb']:.1f} MB into a token file ({enc['vocab']}-token BPE, "
-        f"{enc['bytes_per_token']:.2f} bytes/token) | {enc['mb_per_s']:.2f} MB/s "
+        f"{enc['bytes_per_token']:.2f} bytes/token) | {enc['mb_per_s']:.3f} MB/s "
         f"({enc['seconds']:.1f} s; {enc['mb_per_cpu_s']:.2f} MB per CPU-second, all threads) "
         "| >= 1 MB/s |",
         f"| BPE training on {enc['bpe_training_mb']:.1f} MB | {enc['bpe_training_s']:.1f} s | |",
