@@ -69,7 +69,15 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.checkpoint_every = 250
     config.keep_checkpoints = 3
     config.nonfinite_policy = "stop"  # "stop": halt, keep the last good checkpoint; "skip"
-    config.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # The device mesh, data x fsdp x model devices; -1 is the rest of them. data: the batch
+    # split; fsdp: the batch and the parameters and optimizer state split; model: heads and
+    # MLP hidden units split (stm_jax/trainer/sharding.py). The default is data parallelism.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # Several processes (hosts), stm_jax/trainer/multihost.py: jax.distributed.initialize's
+    # coordinator_address ("HOST:PORT"), num_processes and process_id, all given or all left
+    # empty; with enabled=True and all empty, it detects them on TPU pods, Slurm and MPI.
+    config.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=0, process_id=-1))
     config.progress = True
     # MFU's denominator in FLOP/s. 0: a known accelerator's spec sheet, else a float32 matmul
     # measured at start (a second or two on a CPU); set it to skip that or to fix the scale.

@@ -48,14 +48,6 @@ pytestmark = pytest.mark.xdist_group("reliability")
 
 
 @pytest.fixture(scope="module")
-def env(request, tmp_path_factory):
-    cache = request.config.cache
-    cache_dir = (Path(cache.mkdir("jax_compilation_cache")) if cache is not None
-                 else tmp_path_factory.mktemp("jax_compilation_cache"))
-    return train_env(cache_dir)
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("data") / "corpus.txt")
 

@@ -67,13 +67,18 @@ def _compile(config, inputs):
     start = time.perf_counter()
     programs = steps.compile_train_steps(graphdef, config, tx, state, inputs, inputs)
     compile_s = time.perf_counter() - start
-    peaks = []
-    for program in programs.values():
-        memory = program.memory_analysis()
-        if memory is not None:
-            peaks.append(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return programs, state, compile_s, max(peaks, default=None)
+    peaks = [peak_bytes(program) for program in programs.values()]
+    return programs, state, compile_s, max((p for p in peaks if p is not None), default=None)
+
+
+def peak_bytes(program) -> int | None:
+    """XLA's account of a compiled program's memory on one device: arguments + outputs +
+    temporaries - what outputs share with donated arguments (None where XLA gives none)."""
+    memory = program.memory_analysis()
+    if memory is None:
+        return None
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
 def _timed_second_pass(calls: list) -> list[float]:

@@ -265,7 +265,7 @@ def evaluate_workdir(
       support_windows: how many of those windows the report shows with their support tokens.
       seed: the noise draw; the same seed reproduces every number.
     """
-    workdir = Path(workdir).expanduser()
+    workdir = files.as_path(workdir)  # local, or a bucket (gs://)
     model, config, vocab, step = load_trained(workdir, step)
     context, batch_size = config.model.context, config.batch_size
     sigmas, modes = _check_options(sigmas, noise_modes, splits, margin_batches, margin_batch_size,
@@ -302,7 +302,8 @@ def evaluate_workdir(
                                           tau=tau, bottom_k=bottom_k, context=context),
     }
     results = {
-        "workdir_name": workdir.resolve().name, "step": step,
+        "workdir_name": (workdir.resolve() if files.is_local(workdir) else workdir).name,
+        "step": step,
         "model": config.model.to_dict(), "objective": _describe_objective(config.objective),
         "data": {key: info.get(key) for key in ("name", "source", "note", "num_unknown")},
         "settings": {"sigmas": sigmas, "noise_modes": modes, "splits": list(splits),

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from stm_jax import data
+from stm_jax import data, files
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, steps
@@ -89,7 +89,7 @@ def load_trained(
     or any checkpoint, for a step that is not there, and (``checkpointing.CheckpointError``)
     for a checkpoint that belongs to another model or cannot be read.
     """
-    workdir = Path(workdir).expanduser()
+    workdir = files.as_path(workdir)  # local, or a bucket (gs://)
     if not workdir.is_dir():
         raise UserError(f"workdir {workdir} does not exist or is not a directory")
     config = read_config(workdir)
