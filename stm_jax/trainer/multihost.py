@@ -61,11 +61,19 @@ def initialize(cfg) -> None:
     if not wanted(cfg):
         return
     jax.config.update("jax_enable_preemption_service", False)
-    if cfg.coordinator_address:
-        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
-    else:
-        jax.distributed.initialize()
+    given = (dict(coordinator_address=cfg.coordinator_address,
+                  num_processes=cfg.num_processes, process_id=cfg.process_id)
+             if cfg.coordinator_address else {})
+    try:
+        jax.distributed.initialize(**given)
+    except (RuntimeError, ValueError) as error:  # no cluster found, or no coordinator answered
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = (f"check that process 0 runs and listens on {cfg.coordinator_address}, and "
+                "that every process was given the same distributed settings" if given else
+                "no TPU pod, Slurm or MPI environment was detected: give "
+                "distributed.coordinator_address, num_processes and process_id")
+        raise UserError(f"jax.distributed.initialize could not start ({detail[:300]}); "
+                        f"{hint}") from None
 
 
 def is_primary() -> bool:

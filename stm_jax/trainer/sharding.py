@@ -10,9 +10,11 @@ functions of a parameter's path and shape:
   values, attention moments and Jacobian blocks are then computed on the devices holding
   that head; the heads meet only where their outputs are summed (``wo``), as the MLP's
   hidden units meet in ``proj``.
-* ``fsdp`` splits one large axis of every other weight (the largest one it divides), so
-  each device stores 1/fsdp of it; the step gathers it for the forward and backward pass
-  (``compute_specs``) and the gradient comes back reduce-scattered.
+* ``fsdp`` splits one large axis of every weight (the largest one it divides that ``model``
+  does not), so each device stores 1/fsdp of it; the step gathers it for the forward and
+  backward pass (``compute_specs``, a sharding constraint: without it XLA resharded
+  activations instead, at a cost) and reduces the gradient back onto the shards (an
+  all-reduce and a slice on CPU, which accelerators turn into a reduce-scatter).
 * Vectors (norms, biases, the prior's noise scales) are replicated, and so are counters.
 * The optimizer state follows its parameter (``optax.tree_map_params``).
 * The batch is split over ``data`` x ``fsdp`` on its first axis and replicated over
