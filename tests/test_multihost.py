@@ -1,11 +1,12 @@
 """Two processes on localhost (``jax.distributed`` with CPU collectives), as the README runs them:
 they train one run with its parameters split over both (FSDP, one device each), a second job on
-the same workdir is refused by all of its processes, SIGTERM sent to both stops them at one
-step they agree on and saves it, the same commands resume, and the run ends bitwise equal to a
-single process with two devices and the same mesh (every collective sums two addends, so the
-order of the sum cannot differ). One metrics file, one lock, one config.json.
+the same workdir is refused by all of its processes, SIGTERM sent to both (and later to one of
+them) stops them at one step they agree on and saves it, the same commands resume, and the run
+ends bitwise equal to a single process with two devices and the same mesh (every collective
+sums two addends, so the order of the sum cannot differ). One metrics file, one lock, one
+config.json.
 
-About two minutes on 2 cores: slow.
+About two and a half minutes on 2 cores: slow.
 """
 
 import signal
@@ -90,11 +91,22 @@ def test_two_processes_stop_together_resume_and_match_one(env, tmp_path):
     assert 5 <= stopped < NUM_STEPS and checkpoint_steps(workdir)[-1] == stopped
     assert not ends[1].steps_logged and "saved step" not in ends[1].stderr  # process 0 speaks
 
+    # Resumed; a signal to process 1 alone stops both, at one step.
     resumed = start(job(text, workdir, free_port()), one_device, tmp_path, "resumed")
+    resumed[0].wait_for(rf"^resumed from {workdir}/checkpoints/{stopped}$")
+    resumed[0].wait_for(rf"^step {stopped + 3}/")
+    resumed[1].send(signal.SIGTERM)
     ends = [process.finish() for process in resumed]
     assert all(end.returncode == 0 for end in ends), [end.describe() for end in ends]
-    assert f"resumed from {workdir}/checkpoints/{stopped}" in ends[0].stdout
     assert ends[0].steps_logged[0] == stopped + 1
+    again = int(next(line for line in ends[0].stderr_lines if line.startswith(
+        "SIGTERM or SIGINT on another process: saved step")).split()[8])
+    assert stopped + 3 <= again < NUM_STEPS and checkpoint_steps(workdir)[-1] == again
+
+    finished = start(job(text, workdir, free_port()), one_device, tmp_path, "finished")
+    ends = [process.finish() for process in finished]
+    assert all(end.returncode == 0 for end in ends), [end.describe() for end in ends]
+    assert f"resumed from {workdir}/checkpoints/{again}" in ends[0].stdout
 
     # One record, one lock, one config: process 0's.
     assert sorted(p.name for p in workdir.iterdir()) == [
@@ -102,6 +114,6 @@ def test_two_processes_stop_together_resume_and_match_one(env, tmp_path):
         "train_summary.json", "vocab.json"]
     records = files.read_jsonl(workdir / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, NUM_STEPS + 1))
-    assert len(list((workdir / "tensorboard").iterdir())) == 2  # one event file per leg
+    assert len(list((workdir / "tensorboard").iterdir())) == 3  # one event file per leg
 
     assert_states_equal(restored_state(tmp_path / "single"), restored_state(workdir))

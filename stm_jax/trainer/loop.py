@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         # 6. Preempted: save the step reached. Finished: evaluate, save, summarise.
         if step < config.num_steps:
-            return preempted(stop.signal_name or "a stop request of another process", step,
+            return preempted(stop.signal_name or "SIGTERM or SIGINT on another process", step,
                              start_step, state, metadata, ckpt)
         final = progress.validation(step, evaluate(state))
         ckpt.save(step, state, metadata=metadata, force=True)
