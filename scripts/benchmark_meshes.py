@@ -3,9 +3,9 @@
 Compiles the train step of each of ``--configs`` (the full ``shakespeare_char``, with the
 exact barrier and CE-only) on 8 devices for each ``(data, fsdp, model)`` mesh and writes a
 table of the parameters' and optimizer state's bytes per device and the compiled step's peak
-memory per device to ``--out`` (``meshes.md``, ``meshes.json``). On a CPU the 8 devices are simulated
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here unless given); nothing is
-run, only compiled, so a 2-core machine gives the figures of an 8-device slice.
+memory per device to ``--out`` (``meshes.md``, ``meshes.json``). On a CPU the 8 devices are
+simulated (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set here unless given);
+nothing is run, only compiled, so a 2-core machine gives the figures of an 8-device slice.
 """
 
 import os
