@@ -136,9 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 shapes, state_sharding)
             state = ckpt.restore(start_step, abstract, expected_metadata=metadata,
                                  upgrade_metadata=workdir_lib.upgrade_metadata)[0]
-        else:  # initialised in place, each device computing only its own shards
-            state = jax.jit(lambda: steps.init_state(config, tx)[1],
-                            out_shardings=state_sharding)()
+        else:  # the same values on every process, each placing its own devices' shards
+            state = multihost.place(steps.init_state(config, tx)[1], state_sharding)
         if primary:
             if not (workdir / data.VOCAB_FILENAME).exists():
                 vocab.save(workdir / data.VOCAB_FILENAME)

@@ -127,6 +127,19 @@ def shard_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
         sharding, batch[rows], None if jax.process_count() == 1 else batch.shape)
 
 
+def place(tree, shardings):
+    """A tree that every process holds whole (the same values) placed as ``shardings`` say,
+    each process putting only the shards of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(value, sharding):
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 class StopVote:
     """All processes stop at the same step boundary (see the module docstring).
 
