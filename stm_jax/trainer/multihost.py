@@ -14,6 +14,11 @@ shards, the primary the rest). A step each process must agree on is decided by a
   SIGINT, and all of them read the same ``any`` of the votes, so they stop (and save) at the
   same step even when the signals reach them at different moments.
 
+The initial state and every batch are computed whole on every process, from the seed and
+the step, and each process places only what its own devices hold (``place``,
+``shard_batch``). The whole initial state passes through each process's memory once, which
+suits models of this project's size; far larger ones would initialise under ``jax.jit``.
+
 With one process all of this reduces to what a single run always did, with no collective.
 """
 
