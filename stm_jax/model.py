@@ -29,7 +29,8 @@ class Record:
 
     scope: which Jacobian blocks, "head", "layer", "both" or "none".
     logdets: their log|det| and sign (for ``scope``).
-    margins, gains: their sigma_min(J_t) and ||M_t||_2 (an SVD per token and block).
+    margins, gains: their sigma_min(J_t) and ||M_t||_2 (an SVD per token and block; with
+      ``gram``, from Gram matrices: faster with gradients, as training's penalties need).
     layers: "all", or "embedding" for the first layer only.
     residuals: ||e_t||^2 = ||u_t - out_t||^2, the prior's squared error.
     hidden: the residual stream after each block, x^{l+1}: (L', B, T, d).
@@ -47,6 +48,7 @@ class Record:
     residuals: bool = False
     hidden: bool = False
     spectra: bool = False
+    gram: bool = False
     positions: jax.Array | None = None
     chunk_size: int = 0
 
@@ -141,7 +143,7 @@ class Block(nnx.Module):
             params, seq, scope=record.scope if record.logdets else "none",
             positions=seq_positions, chunk_size=record.chunk_size,
             singular_scope=record.scope, with_margins=record.margins,
-            with_gains=record.gains, with_spectra=record.spectra),
+            with_gains=record.gains, with_spectra=record.spectra, gram=record.gram),
             in_axes=(0, 0 if per_sequence else None))
         out, jac = attend(u, positions)
         stats = {name: value for name, value in jac._asdict().items() if value is not None}
@@ -180,14 +182,15 @@ class EmbeddingPrior(nnx.Module):
         return self.wq.shape[0]
 
     def __call__(self, x0: jax.Array, *, positions: jax.Array | None = None,
-                 logdets: bool = True, margins: bool = False, gains: bool = False) -> dict:
+                 logdets: bool = True, margins: bool = False, gains: bool = False,
+                 gram: bool = False) -> dict:
         """``prior.prior_stats`` of each sequence of ``x0: (B, T, d)``; ``positions`` (n,) or
         (B, n) per sequence. Arrays (B, n), "residual_sq" (B, T)."""
         params = self.params()
         per_sequence = positions is not None and positions.ndim == 2
         return jax.vmap(lambda seq, seq_positions: prior.prior_stats(
             params, seq, positions=seq_positions, logdets=logdets, margins=margins,
-            gains=gains), in_axes=(0, 0 if per_sequence else None))(x0, positions)
+            gains=gains, gram=gram), in_axes=(0, 0 if per_sequence else None))(x0, positions)
 
 
 class GPT(nnx.Module):

@@ -226,7 +226,7 @@ def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
         prior_stats = model.prior(x0, positions=positions,
                                   logdets=with_barrier and reads == "logdet",
                                   margins=with_barrier and reads == "margin",
-                                  gains=with_barrier and reads == "gain")
+                                  gains=with_barrier and reads == "gain", gram=True)
     x = x0
     if cfg.train_noise_sigma > 0 and dropout_key is not None:
         noise = jax.random.normal(jax.random.fold_in(dropout_key, 3), x0.shape, x0.dtype)
@@ -235,7 +235,7 @@ def map_objective(model, inputs, targets, cfg, *, dropout_key=None,
     on_attention = with_barrier and not on_prior
     record = Record(scope=cfg.scope if on_attention else "none",
                     logdets=reads == "logdet", margins=on_attention and reads == "margin",
-                    gains=on_attention and reads == "gain",
+                    gains=on_attention and reads == "gain", gram=True,
                     layers=cfg.layers, residuals=cfg.lambda_s > 0 and not on_prior,
                     positions=barrier_positions(batch, num_tokens, cfg.barrier_fraction,
                                                 position_key, cfg.barrier_sampling)

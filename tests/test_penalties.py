@@ -41,23 +41,27 @@ def dense_penalty(name, blocks):
     return np.where(gain < knee, -np.log1p(-np.minimum(gain, knee)), taylor)
 
 
-def closed_form_penalty(name, params, u, scope):
-    """The penalty from the closed-form statistics: (T,) for "layer", (H, T) for "head"."""
+def closed_form_penalty(name, params, u, scope, gram=False):
+    """The penalty from the closed-form statistics: (T,) for "layer", (H, T) for "head";
+    ``gram``: singular values from Gram matrices, as training takes them."""
     reads = penalties.SINGULAR_VALUE_PENALTIES.get(name, "logdet")
     _, stats = attention.causal_self_attention(
         params, u, scope=scope if reads == "logdet" else "none", singular_scope=scope,
-        with_margins=reads == "margin", with_gains=reads == "gain")
+        with_margins=reads == "margin", with_gains=reads == "gain", gram=gram)
     stats = {key: value for key, value in stats._asdict().items() if value is not None}
     return penalties.penalty(name, stats, prefix="head_" if scope == "head" else "",
                              **SETTINGS)
 
 
+@pytest.mark.parametrize("gram", [False, True], ids=["svd", "gram"])
 @pytest.mark.parametrize("name", penalties.PENALTIES)
-def test_values_match_the_dense_reference(x64, name):
+def test_values_match_the_dense_reference(x64, name, gram):
+    if gram and name in penalties.DETERMINANT_PENALTIES:
+        pytest.skip("no singular values")
     params, u = random_layer(7, D, HEADS, HEAD_DIM, TOKENS, scale=2.5, dtype=jnp.float64)
-    layer = jax.jit(lambda p, x: closed_form_penalty(name, p, x, "layer"))(params, u)
+    layer = jax.jit(lambda p, x: closed_form_penalty(name, p, x, "layer", gram))(params, u)
     np.testing.assert_allclose(layer, dense_penalty(name, dense_blocks(params, u)), atol=1e-9)
-    heads = jax.jit(lambda p, x: closed_form_penalty(name, p, x, "head"))(params, u)
+    heads = jax.jit(lambda p, x: closed_form_penalty(name, p, x, "head", gram))(params, u)
     for h in range(HEADS):
         np.testing.assert_allclose(heads[h], dense_penalty(name, dense_blocks(params, u, h)),
                                    atol=1e-9)
@@ -66,11 +70,13 @@ def test_values_match_the_dense_reference(x64, name):
 @pytest.mark.parametrize("scope", ["head", "layer"])
 @pytest.mark.parametrize("name", penalties.PENALTIES)
 def test_gradients_match_finite_differences(x64, name, scope):
+    """As training differentiates them: singular values from Gram matrices."""
     params, u = random_layer(8, D, HEADS, HEAD_DIM, TOKENS, scale=1.5, dtype=jnp.float64)
     batch = jnp.stack([u, 0.5 * u])
 
     def mean_penalty(params, batch):
-        return jnp.mean(jax.vmap(lambda x: closed_form_penalty(name, params, x, scope))(batch))
+        return jnp.mean(jax.vmap(lambda x: closed_form_penalty(name, params, x, scope,
+                                                               gram=True))(batch))
 
     jax.test_util.check_grads(jax.jit(mean_penalty), (params, batch), order=1, modes=["rev"],
                               eps=1e-6, atol=1e-5, rtol=1e-5)

@@ -43,6 +43,10 @@ def test_blocks_match_autodiff(x64, shape):
                                atol=1e-10, rtol=0)
     gains = np.linalg.svd(np.eye(blocks.shape[-1]) - blocks, compute_uv=False)[:, 0]
     np.testing.assert_allclose(stats["gain"], gains, atol=1e-10, rtol=0)
+    # From Gram matrices, as training takes them: the same to the squared condition number.
+    gram = prior.prior_stats(params, x0, margins=True, gains=True, gram=True)
+    np.testing.assert_allclose(gram["margin"], stats["margin"], atol=1e-7, rtol=0)
+    np.testing.assert_allclose(gram["gain"], stats["gain"], atol=1e-7, rtol=0)
     # The first position has no past (mu_1 = 0): J_1 = I, and e_1 = u_1.
     np.testing.assert_allclose(blocks[0], np.eye(blocks.shape[-1]), atol=1e-12)
     u = prior.latents(params, x0)
@@ -82,7 +86,7 @@ def test_penalty_gradients_match_finite_differences(x64, name):
     def mean_penalty(params, batch):
         stats = jax.vmap(lambda x: prior.prior_stats(
             params, x, positions=jnp.arange(1, x.shape[0]), logdets=reads == "logdet",
-            margins=reads == "margin", gains=reads == "gain"))(batch)
+            margins=reads == "margin", gains=reads == "gain", gram=True))(batch)
         return jnp.mean(penalties.penalty(name, stats, tau=1.2, knee=0.5))
 
     jax.test_util.check_grads(jax.jit(mean_penalty), (params, batch), order=1, modes=["rev"],

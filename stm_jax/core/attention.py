@@ -18,6 +18,7 @@ enter, and the ``T d x T d`` Jacobian is never formed.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -281,6 +282,7 @@ def causal_self_attention(
     with_gains: bool = False,
     singular_scope: Scope | None = None,
     with_spectra: bool = False,
+    gram: bool = False,
 ) -> tuple[jax.Array, AttentionStats]:
     """Multi-head causal self-attention of ``u: (T, d)`` and its Jacobian statistics.
 
@@ -296,6 +298,8 @@ def causal_self_attention(
         ``singular_scope`` (default: ``scope``; it may ask for blocks whose log-dets are not
         wanted, ``scope="none"``).
       with_spectra: also ``self_map_spectrum`` of every token (an eigendecomposition each).
+      gram: singular values from Gram matrices (faster with gradients; see
+        ``extreme_singular_value``).
 
     Returns:
       out: (T, d), sum_h W_O^h o_t^h with the self-term s = t included.
@@ -306,7 +310,7 @@ def causal_self_attention(
     if with_margins or with_gains:
         stats = stats._replace(**singular_value_stats(
             params, m, scope if singular_scope is None else singular_scope,
-            positions=positions, margins=with_margins, gains=with_gains))
+            positions=positions, margins=with_margins, gains=with_gains, gram=gram))
     if with_spectra:
         stats = stats._replace(**self_map_spectrum(params, m))
     return attention_output(params, m), stats
@@ -358,28 +362,77 @@ def _reduced_self_map(left: jax.Array, right: jax.Array) -> tuple[jax.Array, boo
     return (basis.T @ left) @ (right.T @ basis), True
 
 
-def sigma_min_identity_minus_low_rank(left: jax.Array, right: jax.Array) -> jax.Array:
-    """Smallest singular value of ``I_d - left @ right.T`` for left, right: (d, r)."""
-    self_map, reduced = _reduced_self_map(left, right)
-    eye = jnp.eye(self_map.shape[0], dtype=self_map.dtype)
-    smallest = jnp.linalg.svd(eye - self_map, compute_uv=False)[-1]
-    return jnp.minimum(smallest, 1.0) if reduced else smallest
+def _symmetric_extreme(matrix: jax.Array, which: str) -> jax.Array:
+    eigenvalues = jnp.linalg.eigvalsh(matrix)
+    return eigenvalues[..., 0] if which == "min" else eigenvalues[..., -1]
 
 
-def sigma_max_low_rank(left: jax.Array, right: jax.Array) -> jax.Array:
-    """Largest singular value (spectral norm) of ``left @ right.T`` for left, right: (d, r)."""
-    self_map, _ = _reduced_self_map(left, right)
-    return jnp.linalg.svd(self_map, compute_uv=False)[0]
+def _safe_sqrt(squared: jax.Array) -> jax.Array:
+    positive = squared > 0  # sqrt's slope is infinite at 0: no gradient from there
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def extreme_singular_value(matrix: jax.Array, which: str, gram: bool = False) -> jax.Array:
+    """The smallest ("min") or largest ("max") singular value of ``matrix`` (..., k, k).
+
+    ``gram`` takes it from the eigenvalues of matrix^T matrix (``eigvalsh``) instead of an
+    SVD: the same in exact arithmetic and, with its gradient, many times faster on CPU, but it
+    squares the condition number, so a singular value below about 1e-3 of the largest loses
+    its digits in float32. Training's penalties use it; evaluation reports the SVD's.
+    """
+    if not gram:
+        values = jnp.linalg.svd(matrix, compute_uv=False)
+        return values[..., -1] if which == "min" else values[..., 0]
+    return _safe_sqrt(_symmetric_extreme(jnp.swapaxes(matrix, -1, -2) @ matrix, which))
+
+
+def sigma_min_identity_minus_low_rank(left: jax.Array, right: jax.Array,
+                                      gram: bool = False) -> jax.Array:
+    """Smallest singular value of ``I_d - left @ right.T`` for left, right: (d, r).
+
+    ``gram`` avoids the QR and the SVD, whose gradients dominate a training step: with
+    W = [left, right] and J = I - left right^T, J^T J = I + W C W^T for
+    C = [[0, -I], [-I, left^T left]], so the eigenvalues of J^T J besides the ones are
+    1 + those of K^T C K, K the Cholesky factor of the 2r x 2r Gram matrix W^T W (the same
+    full column rank condition as the QR). Squaring costs digits (``extreme_singular_value``).
+    """
+    dim, rank = left.shape
+    if not gram or 2 * rank >= dim:
+        self_map, reduced = _reduced_self_map(left, right) if not gram else (
+            left @ right.T, False)
+        eye = jnp.eye(self_map.shape[0], dtype=self_map.dtype)
+        smallest = extreme_singular_value(eye - self_map, "min", gram)
+        return jnp.minimum(smallest, 1.0) if reduced else smallest
+    basis = jnp.concatenate([left, right], axis=1)
+    factor = jnp.linalg.cholesky(basis.T @ basis)
+    eye, zeros = jnp.eye(rank, dtype=left.dtype), jnp.zeros((rank, rank), left.dtype)
+    coupling = jnp.block([[zeros, -eye], [-eye, left.T @ left]])
+    squared = 1.0 + _symmetric_extreme(factor.T @ coupling @ factor, "min")
+    return jnp.minimum(_safe_sqrt(squared), 1.0)
+
+
+def sigma_max_low_rank(left: jax.Array, right: jax.Array, gram: bool = False) -> jax.Array:
+    """Largest singular value (spectral norm) of ``left @ right.T`` for left, right: (d, r).
+
+    ``gram``: ||left right^T||^2 is the largest eigenvalue of K^T (right^T right) K, K the
+    Cholesky factor of left^T left (r x r): no QR, no SVD.
+    """
+    if not gram:
+        self_map, _ = _reduced_self_map(left, right)
+        return extreme_singular_value(self_map, "max")
+    factor = jnp.linalg.cholesky(left.T @ left)
+    return _safe_sqrt(_symmetric_extreme(factor.T @ (right.T @ right) @ factor, "max"))
 
 
 def singular_value_stats(params: dict, m: Moments, scope: Scope, *,
                          positions: jax.Array | None = None, margins: bool = True,
-                         gains: bool = False) -> dict:
+                         gains: bool = False, gram: bool = False) -> dict:
     """Per-token singular values of the Jacobian blocks, for every token or ``positions``.
 
     "layer" scope: "margin" sigma_min(J_t) and "gain" ||M_t||_2, (n,); "head" scope:
     "head_margin" and "head_gain" of head h acting alone, J_t^h = I_d - W_O^h G_t^h, (H, n);
-    "both": all four. One SVD per token and block, of a 2r x 2r matrix when 2r < d.
+    "both": all four. One SVD per token and block, of a 2r x 2r matrix when 2r < d
+    (``gram``: an eigendecomposition of its Gram matrix instead, ``extreme_singular_value``).
 
     Their gradients are those of ``jnp.linalg.svd``'s singular values: ds_k = u_k^T dA v_k
     for the singular pair LAPACK returns. Where a singular value is repeated it is not
@@ -388,8 +441,9 @@ def singular_value_stats(params: dict, m: Moments, scope: Scope, *,
     if scope not in ("head", "layer", "both"):
         raise ValueError(f"singular values need scope 'head', 'layer' or 'both', got {scope!r}")
     u_factor, g = jacobian_factors(params, m, query_rows(m, positions))  # (H,d,p), (H,n,p,d)
-    wanted = [(name, fn) for name, fn, on in (("margin", sigma_min_identity_minus_low_rank,
-                                               margins), ("gain", sigma_max_low_rank, gains)) if on]
+    wanted = [(name, functools.partial(fn, gram=gram)) for name, fn, on in (
+        ("margin", sigma_min_identity_minus_low_rank, margins),
+        ("gain", sigma_max_low_rank, gains)) if on]
     stats = {}
     if scope in ("head", "both"):
         right = jnp.swapaxes(g, -1, -2)  # (H, n, d, p)

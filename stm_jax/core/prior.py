@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from stm_jax.core import logdet
+from stm_jax.core.attention import extreme_singular_value
 
 
 class PriorMoments(NamedTuple):
@@ -78,10 +79,12 @@ def self_maps(params: dict, m: PriorMoments, positions: jax.Array | None = None)
 
 
 def prior_stats(params: dict, x0: jax.Array, *, positions: jax.Array | None = None,
-                logdets: bool = True, margins: bool = False, gains: bool = False) -> dict:
+                logdets: bool = True, margins: bool = False, gains: bool = False,
+                gram: bool = False) -> dict:
     """Per-token statistics of the prior's blocks J_t = I_p - M_t, for all or ``positions``:
     "sign" and "logdet" (log|det J_t|), "margin" sigma_min(J_t), "gain" ||M_t||_2, each (n,),
-    and "residual_sq" ||e_t||^2 of every token, (T,)."""
+    and "residual_sq" ||e_t||^2 of every token, (T,). ``gram``: as
+    ``attention.extreme_singular_value``."""
     m = prior_moments(params, x0)
     stats = {"residual_sq": jnp.sum(jnp.square(m.u - m.mean), axis=-1)}
     if not (logdets or margins or gains):
@@ -92,9 +95,9 @@ def prior_stats(params: dict, x0: jax.Array, *, positions: jax.Array | None = No
     if logdets:
         stats["sign"], stats["logdet"] = logdet.slogdet(jac)
     if margins:
-        stats["margin"] = jnp.linalg.svd(jac, compute_uv=False)[..., -1]
+        stats["margin"] = extreme_singular_value(jac, "min", gram)
     if gains:
-        stats["gain"] = jnp.linalg.svd(self_map, compute_uv=False)[..., 0]
+        stats["gain"] = extreme_singular_value(self_map, "max", gram)
     return stats
 
 
