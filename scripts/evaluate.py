@@ -29,6 +29,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the embedding noise.")
 flags.DEFINE_integer("noise_layer", 0, "Put the noise on the residual stream entering this "
                      "block instead of the embedding (0); results go to files named "
                      "*_noise_layerL.*.")
+flags.DEFINE_string("output_tag", "", "Name the result files eval_results_TAG.json etc. "
+                    "(the standard files are left alone).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -68,12 +70,14 @@ def main(argv):
         noise_modes=FLAGS.noise_modes, splits=FLAGS.splits,
         max_batches=FLAGS.max_batches or None, margin_batches=FLAGS.margin_batches,
         margin_batch_size=FLAGS.margin_batch_size, tau=FLAGS.tau, bottom_k=FLAGS.bottom_k,
-        support_windows=FLAGS.support_windows, seed=FLAGS.seed, noise_layer=FLAGS.noise_layer)
+        support_windows=FLAGS.support_windows, seed=FLAGS.seed, noise_layer=FLAGS.noise_layer,
+        output_tag=FLAGS.output_tag)
     print("\n".join(summary_lines(results)))
-    names = [evaluate.output_name(name, FLAGS.noise_layer) for name in (
-        evaluation.REPORT_FILE, evaluation.RESULTS_FILE, evaluation.BPC_PLOT)]
-    print(f"wrote {', '.join(names)}, {evaluation.MARGIN_PLOT} and {evaluation.MARGINS_FILE} "
-          f"in {FLAGS.workdir}")
+    tag = evaluation.result_tag(FLAGS.output_tag, FLAGS.noise_layer)
+    names = [evaluation.output_name(name, tag) for name in (
+        evaluation.REPORT_FILE, evaluation.RESULTS_FILE, evaluation.BPC_PLOT,
+        evaluation.MARGIN_PLOT, evaluation.MARGINS_FILE)]
+    print(f"wrote {', '.join(names)} in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

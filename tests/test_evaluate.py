@@ -154,7 +154,7 @@ def test_noise_on_a_later_layer(workdir, trained, tmp_path):
                                         **{key: SETTINGS[key] for key in (
                                             "max_batches", "margin_batches",
                                             "margin_batch_size", "bottom_k", "seed")})
-    assert (copy / evaluate.output_name(evaluation.RESULTS_FILE, 1)).exists()
+    assert (copy / evaluation.output_name(evaluation.RESULTS_FILE, "noise_layer1")).exists()
     assert (copy / evaluation.RESULTS_FILE).read_bytes() == standard
     losses = []
     for index, (inputs, targets) in enumerate(validation_batches(workdir, config)):

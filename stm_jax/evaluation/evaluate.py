@@ -42,8 +42,10 @@ from stm_jax.evaluation import (
     MARGINS_FILE,
     REPORT_FILE,
     RESULTS_FILE,
+    output_name,
     plots,
     report,
+    result_tag,
 )
 from stm_jax.model import Record, add_embedding_noise
 from stm_jax.trainer.restore import load_trained
@@ -289,6 +291,7 @@ def evaluate_workdir(
     seed: int = 0,
     step: int | None = None,
     noise_layer: int = 0,
+    output_tag: str = "",
 ) -> dict:
     """Evaluates ``workdir``'s latest checkpoint (or ``step``); writes and returns the results.
 
@@ -305,6 +308,8 @@ def evaluate_workdir(
       seed: the noise draw; the same seed reproduces every number.
       noise_layer: put the noise on the residual stream entering block L instead of x0
         (L = 0); its results go to files named with ``_noise_layerL`` (``output_name``).
+      output_tag: names the result files ``eval_results_TAG.json`` etc. (for example the
+        study's ``step250`` for an earlier checkpoint), leaving the standard ones alone.
     """
     workdir = Path(workdir).expanduser()
     model, config, vocab, step = load_trained(workdir, step)
@@ -356,16 +361,10 @@ def evaluate_workdir(
                      "seed": seed, "noise_layer": noise_layer},
         "splits": split_results, "skipped_splits": skipped, "margins": margins,
     }
-    _write_outputs(workdir, results, stats, tau, margin_inputs, noise_layer)
+    _write_outputs(workdir, results, stats, tau, margin_inputs,
+                   result_tag(output_tag, noise_layer))
     return results
 
-
-def output_name(name: str, noise_layer: int = 0) -> str:
-    """A result file's name: ``eval_results.json``, or ``eval_results_noise_layer2.json``."""
-    if not noise_layer:
-        return name
-    stem, _, suffix = name.rpartition(".")
-    return f"{stem}_noise_layer{noise_layer}.{suffix}"
 
 
 def _describe_objective(objective_cfg) -> str:
@@ -384,12 +383,10 @@ def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
 
 
 def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
-                   margin_inputs: np.ndarray, noise_layer: int) -> None:
-    files.write_json(workdir / output_name(RESULTS_FILE, noise_layer), results)
-    files.write_text(workdir / output_name(REPORT_FILE, noise_layer),
-                     report.format_report(results))
-    files.write_png(workdir / output_name(BPC_PLOT, noise_layer),
-                    plots.plot_bpc_vs_sigma(results))
-    files.write_png(workdir / MARGIN_PLOT, plots.plot_margin_hist(
+                   margin_inputs: np.ndarray, tag: str) -> None:
+    files.write_json(workdir / output_name(RESULTS_FILE, tag), results)
+    files.write_text(workdir / output_name(REPORT_FILE, tag), report.format_report(results))
+    files.write_png(workdir / output_name(BPC_PLOT, tag), plots.plot_bpc_vs_sigma(results))
+    files.write_png(workdir / output_name(MARGIN_PLOT, tag), plots.plot_margin_hist(
         stats["margin"], stats["sign"], tau, results["step"]))
-    files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))
+    files.write_bytes(workdir / output_name(MARGINS_FILE, tag), margins_npz(margin_inputs, stats))
