@@ -129,3 +129,20 @@ def test_summary_and_report_of_the_readings(tmp_path):
     assert "| latent_noise | margin_0.02_noise | 3 |" in text
     assert "## Mechanism: noise gain, self-map spectra, embedding scale" in text
     assert plots.plot_quality_curve(summary) is not None
+
+
+def test_every_reading_switch_comes_through_an_override():
+    """scripts/reproduce.py --override=key=value: each reading's keys, typed as the config."""
+    from configs import shakespeare_char
+
+    config = shakespeare_char.get_config("cpu,margin")
+    typed = {"objective.barrier_target": ("embedding_prior", "embedding_prior"),
+             "objective.prior_dim": ("8", 8), "objective.penalty": ("small_gain", "small_gain"),
+             "objective.penalty_cap": ("30", 30.0), "objective.margin_tau": ("0.9", 0.9),
+             "objective.small_gain_knee": ("0.8", 0.8),
+             "objective.train_noise_sigma": ("0.5", 0.5),
+             "objective.train_noise_mode": ("absolute", "absolute"),
+             "objective.fixed_noise_scale": ("1", 1.0), "model.first_layer_norm": ("false", False),
+             "model.embed_init_std": ("1.0", 1.0), "optimizer.decay_embeddings": ("no", False)}
+    for key, (text, value) in typed.items():
+        assert run_plan.coerce(config, key, text) == value, key
