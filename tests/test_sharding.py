@@ -78,6 +78,13 @@ def test_partition_rules_match_the_table(mesh_shape):
     assert gathered["blocks.1.wo"] == (P("model", None, None) if mesh_shape[2] > 1 else P())
 
 
+def test_the_embedding_priors_weights_have_no_heads_to_split():
+    """Its wq, wk are (p, p): fsdp may split them, model never does."""
+    mesh = {"fsdp": 1, "model": 2}
+    assert sharding.param_spec(("prior", "wq"), (8, 8), mesh) == P()
+    assert sharding.param_spec(("blocks", "0", "wq"), (32, 8, 4), mesh) == P(None, "model", None)
+
+
 def test_fsdp_takes_the_largest_axis_it_divides_or_none():
     assert sharding.param_spec(("token_embed", "embedding"), (65, 384), {"fsdp": 8, "model": 1}) \
         == P(None, "fsdp")  # 65 characters do not split in 8

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from stm_jax import data, files
+from stm_jax import data, files, objective
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, steps
@@ -75,7 +75,8 @@ def _abstract_state(config):
 
 def build_model(config, params: dict) -> model_lib.GPT:
     """A GPT of ``config.model`` holding ``params`` (a pure dict, as the train state stores)."""
-    abstract = nnx.eval_shape(lambda: model_lib.init_model(config.model, config.seed))
+    abstract = nnx.eval_shape(lambda: model_lib.init_model(
+        config.model, config.seed, objective.prior_width(config.objective, config.model)))
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, params)
 

@@ -110,8 +110,9 @@ def param_spec(path: Sequence[str], shape: Sequence[int], mesh_shape: dict) -> P
     if len(shape) < 2:
         return P()
     model, fsdp = mesh_shape["model"], mesh_shape["fsdp"]
+    # The transformer blocks' weights only (the embedding prior's wq, wk have no heads).
     model_axis = next((axis for suffix, axis in MODEL_AXIS.items()
-                       if tuple(path[-len(suffix):]) == suffix), None)
+                       if path[0] == "blocks" and tuple(path[-len(suffix):]) == suffix), None)
     if model > 1 and model_axis is not None:
         if shape[model_axis] % model:
             raise ValueError(f"{'.'.join(path)} {tuple(shape)}: axis {model_axis} does not "

@@ -57,10 +57,19 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
 def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
     """AdamW (nanoGPT's recipe) with gradient clipping and the schedule above.
 
-    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales.
+    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales;
+    with ``optimizer.decay_embeddings`` False, not to the token and position tables either.
     """
     schedule = learning_rate_schedule(opt_cfg, num_steps)
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    embeddings = ("token_embed", "position_embed")
+
+    def decay_mask(params):
+        def decayed(path, leaf):
+            top = getattr(path[0], "key", None)
+            return leaf.ndim >= 2 and (opt_cfg.decay_embeddings or top not in embeddings)
+
+        return jax.tree_util.tree_map_with_path(decayed, params)
+
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(schedule, b1=opt_cfg.beta1, b2=opt_cfg.beta2,
@@ -75,7 +84,8 @@ def learning_rate(opt_cfg, num_steps: int, step: int) -> float:
 
 def init_state(config, tx: optax.GradientTransformation):
     """(graphdef, state) for a fresh run: parameters from ``config.seed``, step 0."""
-    model = model_lib.init_model(config.model, config.seed)
+    model = model_lib.init_model(config.model, config.seed,
+                                 objective.prior_width(config.objective, config.model))
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     state = {

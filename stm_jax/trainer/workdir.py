@@ -60,6 +60,18 @@ LEGACY_VALUES = {
     "distributed.coordinator_address": "",
     "distributed.num_processes": 0,
     "distributed.process_id": -1,
+    "objective.barrier_target": "attention",
+    "objective.prior_dim": 0,
+    "objective.penalty": "log_barrier",
+    "objective.penalty_cap": 30.0,
+    "objective.margin_tau": 0.5,
+    "objective.small_gain_knee": 0.9,
+    "objective.train_noise_sigma": 0.0,
+    "objective.train_noise_mode": "relative",
+    "objective.fixed_noise_scale": 0.0,
+    "model.first_layer_norm": True,
+    "model.embed_init_std": 0.02,
+    "optimizer.decay_embeddings": True,
 }
 
 
