@@ -52,6 +52,10 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
         dtype="float32",  # matmul dtype; "bfloat16" on accelerators (softmax, losses,
                           # determinants stay float32)
         vocab_size=-1,  # filled in from the data
+        # False: the first block's attention reads the raw x0 (no LayerNorm), so the barrier
+        # on layer 0 acts on the raw embeddings (docs/math.md section 9).
+        first_layer_norm=True,
+        embed_init_std=0.02,  # token and position tables (nanoGPT's; nn.Embedding uses 1.0)
     ))
     config.objective = objective_config(objective_variant)
 
@@ -59,6 +63,7 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
         learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100, beta1=0.9, beta2=0.99,
         weight_decay=0.1, grad_clip=1.0,
         decay_steps=-1,  # cosine horizon; <= 0 means num_steps (nanoGPT's lr_decay_iters)
+        decay_embeddings=True,  # weight decay on the token and position tables too
     ))
     config.data = ml_collections.ConfigDict(dict(
         name="tiny_shakespeare", text_file="", val_fraction=0.1, split_style="nanogpt",
@@ -79,7 +84,15 @@ def base_config(objective_variant: str = "ce") -> ml_collections.ConfigDict:
     config.checkpoint_every = 250
     config.keep_checkpoints = 3
     config.nonfinite_policy = "stop"  # "stop": halt, keep the last good checkpoint; "skip"
-    config.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # The device mesh, data x fsdp x model devices; -1 is the rest of them. data: the batch
+    # split; fsdp: the batch and the parameters and optimizer state split; model: heads and
+    # MLP hidden units split (stm_jax/trainer/sharding.py). The default is data parallelism.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # Several processes (hosts), stm_jax/trainer/multihost.py: jax.distributed.initialize's
+    # coordinator_address ("HOST:PORT"), num_processes and process_id, all given or all left
+    # empty; with enabled=True and all empty, it detects them on TPU pods, Slurm and MPI.
+    config.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=0, process_id=-1))
     config.progress = True
     # MFU's denominator in FLOP/s. 0: a known accelerator's spec sheet, else a float32 matmul
     # measured at start (a second or two on a CPU); set it to skip that or to fix the scale.
@@ -106,5 +119,22 @@ def objective_config(variant: str = "ce") -> ml_collections.ConfigDict:
         barrier_sampling="per_sequence",
         barrier_step_fraction=1.0,
         chunk_size=0,
+        # The readings (docs/math.md sections 9-12). What the barrier is attached to: the
+        # model's own attention blocks, or a separate prior over the raw embeddings
+        # ("embedding_prior", of width prior_dim; 0: d_model, no projection).
+        barrier_target="attention",
+        prior_dim=0,
+        # The penalty on each block J_t: "log_barrier" (the smooth -log det), "abs_log_capped"
+        # (min(-log|det|, penalty_cap)), "margin_hinge" (relu(margin_tau - sigma_min)^2),
+        # "small_gain" (-log(1 - ||M_t||), Taylor beyond small_gain_knee), "logdet_squared".
+        penalty="log_barrier",
+        penalty_cap=30.0,
+        margin_tau=0.5,
+        small_gain_knee=0.9,
+        # Gaussian noise on x0 in training steps only: absolute, or relative to each token's
+        # embedding RMS (held constant for the gradient). 0: off.
+        train_noise_sigma=0.0,
+        train_noise_mode="relative",
+        fixed_noise_scale=0.0,  # the prior's sigma; 0: learned per layer
         **OBJECTIVE_VARIANTS[variant],
     ))

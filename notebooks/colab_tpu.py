@@ -15,9 +15,10 @@
 # %% [markdown]
 # # stm_jax on a Colab TPU
 #
-# Trains `configs/shakespeare_char.py` (nanoGPT's recipe) data-parallel over every TPU core:
-# parameters replicated, the batch of 64 split across the cores by `NamedSharding` on a
-# `('data',)` mesh. In Colab choose *Runtime > Change runtime type > TPU*, then run all cells.
+# Trains `configs/shakespeare_char.py` (nanoGPT's recipe) over every TPU core with FSDP: on a
+# `(data, fsdp, model)` mesh of `1 x 8 x 1` (a TPU v2-8), the batch of 64 and every weight and
+# its Adam moments are split across the cores (`config.mesh`; README, "Several devices and
+# hosts"). In Colab choose *Runtime > Change runtime type > TPU*, then run all cells.
 #
 # **One flag**: `SMOKE_TEST = True` (or the environment variable `STM_JAX_NOTEBOOK_SMOKE=1`,
 # which the test suite sets) runs the same code path on CPU with `configs/tiny.py` and a small
@@ -81,7 +82,25 @@ if SMOKE_TEST:
 else:
     config = shakespeare_char.get_config("margin")
     config.model.dtype = "bfloat16"  # matmuls in bf16; softmax, losses, determinants in f32
+config.mesh.update(data=1, fsdp=-1, model=1)  # FSDP over every device
 print(config.model)
+
+# %% [markdown]
+# ## The mesh
+# Where a few parameters live: `fsdp` splits one large axis of each weight, vectors stay whole
+# on every core (`stm_jax/trainer/sharding.py`). `mesh.model` would split the heads instead.
+
+# %%
+from stm_jax.trainer import sharding
+
+mesh_shape = sharding.mesh_shape(config.mesh, jax.device_count())
+print("mesh (data, fsdp, model):", mesh_shape)
+d, heads = config.model.d_model, config.model.num_heads
+for path, shape in {("blocks", "0", "wq"): (d, heads, d // heads),
+                    ("blocks", "0", "fc", "kernel"): (d, config.model.mlp_ratio * d),
+                    ("ln_final", "scale"): (d,)}.items():
+    spec = sharding.param_spec(path, shape, dict(zip(sharding.AXES, mesh_shape, strict=True)))
+    print(".".join(path), shape, spec)
 
 # %% [markdown]
 # ## Train

@@ -313,3 +313,66 @@ ax.set(xlabel="token t", ylabel=r"margin $m_t = \sigma_{\min}(J_t)$",
        title=f"support tokens: the {K} smallest margins (red); hatched: det $J_t$ < 0")
 plt.show()
 print("support tokens:", sorted(indices.tolist()))
+
+# %% [markdown]
+# ## 9. The embedding prior: a strictly causal attention over the raw embeddings
+#
+# The port's reading attaches the barrier to a separate prior over the layer-0 embeddings
+# $x^0_t$ (`docs/math.md` section 9): latents $u_t = x^0_t P$, weights
+# $a_{ts} = \operatorname{softmax}_{s<t}(u_t A u_s^\top)$ with $A = W_Q W_K^\top/\sqrt{p}$, and
+# the latents themselves as values, $\mu_t = \sum_{s<t} a_{ts} u_s$. Only the weights depend
+# on $u_t$, through the query, so
+#
+# $$J_t = \frac{\partial e_t}{\partial u_t} = I_p - \Sigma_t A^\top,\qquad
+#   \Sigma_t = \sum_{s<t} a_{ts} (u_s - \bar u_t)(u_s - \bar u_t)^\top,$$
+#
+# with $J_1 = I$ (no past, $\mu_1 = 0$). Check the closed form against `jax.jacfwd` of the
+# residual map, with a projection to $p = 3$ of $d = 5$, at a scale where some determinants
+# are negative.
+
+# %%
+from stm_jax.core import penalties, prior
+
+prior_params = prior.init_prior_params(jax.random.PRNGKey(2), 5, 3, project=True,
+                                       dtype=jnp.float64)
+prior_params = {name: 3.0 * value for name, value in prior_params.items()}
+x0 = jax.random.normal(jax.random.PRNGKey(13), (7, 5), jnp.float64)
+latent = prior.latents(prior_params, x0)
+unprojected = {name: value for name, value in prior_params.items() if name != "proj"}
+prior_jacobian = jax.jacfwd(lambda v: prior.prior_residual(unprojected, v))(latent)
+prior_blocks = np.stack([np.asarray(prior_jacobian[t, :, t, :]) for t in range(7)])
+prior_closed = prior.prior_stats(prior_params, x0, margins=True)
+prior_sign, prior_logabs = np.linalg.slogdet(prior_blocks)
+np.testing.assert_allclose(prior_closed["logdet"], prior_logabs, atol=1e-10, rtol=0)
+np.testing.assert_array_equal(prior_closed["sign"], prior_sign)
+np.testing.assert_allclose(prior_blocks[0], np.eye(3), atol=1e-12)  # J_1 = I
+assert (prior_sign < 0).any()  # the boundary is crossed at this scale
+print("prior log|det J_t|:", np.round(prior_logabs, 3), "| signs:", prior_sign)
+
+# %% [markdown]
+# ## 10. Penalties on $J_t$, bounded and unbounded
+#
+# `objective.penalty` chooses what each block pays (`docs/math.md` section 10). The smooth
+# log-barrier and the port's capped $-\log|\det J_t|$ reward determinant growth without
+# bound; the margin hinge $\operatorname{relu}(\tau - \sigma_{\min}(J_t))^2$, the small-gain
+# penalty $\phi(\|M_t\|_2)$ and $(\log|\det J_t|)^2$ are bounded below. Check each on the
+# layer of section 1 against its value from the dense blocks of section 3.
+
+# %%
+_, with_svs = attention.causal_self_attention(params, u, scope="layer", with_margins=True,
+                                              with_gains=True)
+svs = {key: value for key, value in with_svs._asdict().items() if value is not None}
+dense_sign, dense_logabs = np.linalg.slogdet(blocks)
+dense_margin = np.linalg.svd(blocks, compute_uv=False)[:, -1]
+dense_gain = np.linalg.svd(np.eye(D) - blocks, compute_uv=False)[:, 0]
+expected = {
+    "abs_log_capped": np.minimum(-dense_logabs, 30.0),
+    "logdet_squared": dense_logabs**2,
+    "margin_hinge": np.maximum(0.5 - dense_margin, 0) ** 2,
+    "small_gain": np.where(dense_gain < 0.9, -np.log1p(-np.minimum(dense_gain, 0.9)),
+                           -np.log(0.1) + (dense_gain - 0.9) / 0.1
+                           + (dense_gain - 0.9) ** 2 / (2 * 0.01)),
+}
+for name, values in expected.items():
+    np.testing.assert_allclose(penalties.penalty(name, svs), values, rtol=1e-9, atol=1e-12)
+print({name: np.round(np.asarray(penalties.penalty(name, svs)), 3) for name in expected})

@@ -59,6 +59,10 @@ def load_config(spec: str):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    unknown = [name for name in FLAGS.modes if name not in benchmark.MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join(benchmark.MODES)}")
     modes = {name: dict(benchmark.MODES[name]) for name in FLAGS.modes}
     if "head_lazy" in modes:
         modes["head_lazy"]["barrier_step_fraction"] = FLAGS.lazy_step_fraction

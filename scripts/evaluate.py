@@ -26,6 +26,11 @@ flags.DEFINE_float("tau", 0.1, "Support tokens: margin m_t <= tau.")
 flags.DEFINE_integer("bottom_k", 8, "Support tokens: the k smallest margins per window.")
 flags.DEFINE_integer("support_windows", 3, "Validation windows shown with their support tokens.")
 flags.DEFINE_integer("seed", 0, "Seed of the embedding noise.")
+flags.DEFINE_integer("noise_layer", 0, "Put the noise on the residual stream entering this "
+                     "block instead of the embedding (0); results go to files named "
+                     "*_noise_layerL.*.")
+flags.DEFINE_string("output_tag", "", "Name the result files eval_results_TAG.json etc. "
+                    "(the standard files are left alone).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -53,7 +58,8 @@ def summary_lines(results: dict) -> list[str]:
               results["skipped_splits"].items()]
     for layer in results["margins"]["layers"]:
         lines.append(f"layer {layer['layer']} margins: min {layer['margin_min']:.4f} | 5% "
-                     f"{layer['margin_q05']:.4f} | infeasible {layer['infeasible_fraction']:.2%}")
+                     f"{layer['margin_q05']:.4f} | infeasible {layer['infeasible_fraction']:.2%}"
+                     f" | noise gain {layer['noise_gain']:.3f}")
     return lines
 
 
@@ -66,10 +72,14 @@ def main(argv):
         noise_modes=FLAGS.noise_modes, splits=FLAGS.splits,
         max_batches=FLAGS.max_batches or None, margin_batches=FLAGS.margin_batches,
         margin_batch_size=FLAGS.margin_batch_size, tau=FLAGS.tau, bottom_k=FLAGS.bottom_k,
-        support_windows=FLAGS.support_windows, seed=FLAGS.seed)
+        support_windows=FLAGS.support_windows, seed=FLAGS.seed, noise_layer=FLAGS.noise_layer,
+        output_tag=FLAGS.output_tag)
     print("\n".join(summary_lines(results)))
-    print(f"wrote {evaluation.REPORT_FILE}, {evaluation.RESULTS_FILE}, {evaluation.BPC_PLOT}, "
-          f"{evaluation.MARGIN_PLOT} and {evaluation.MARGINS_FILE} in {FLAGS.workdir}")
+    tag = evaluation.result_tag(FLAGS.output_tag, FLAGS.noise_layer)
+    names = [evaluation.output_name(name, tag) for name in (
+        evaluation.REPORT_FILE, evaluation.RESULTS_FILE, evaluation.BPC_PLOT,
+        evaluation.MARGIN_PLOT, evaluation.MARGINS_FILE)]
+    print(f"wrote {', '.join(names)} in {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ folder, flushed to disk, then renamed with ``os.replace``: a reader sees the old
 new, never half. The temp name is made here (not by ``mkstemp``) so the file gets the umask's
 permissions like any other.
 
+Paths go through ``etils.epath`` (as Orbax's do), so ``gs://bucket/run/config.json`` stays a
+bucket object instead of becoming a local folder ``gs:``. An object store has no rename, but
+it replaces an object whole, so remote files are written directly (``is_local``).
+
 JSON is strict (no bare ``NaN``, which strict readers reject) with one policy for non-finite
 numbers everywhere: they are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` and
 read back as floats. A NaN loss is exactly the record someone will want to read.
@@ -23,14 +27,30 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from etils import epath
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """False for a URL such as ``gs://bucket/run``: a path on a remote file system."""
+    return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``, a local one with ``~`` expanded."""
+    return epath.Path(path).expanduser() if is_local(path) else epath.Path(path)
 
 
 @contextlib.contextmanager
 def open_atomic(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to write that appears at ``path`` whole when the block ends (and not at
-    all if it raises): for files written in pieces, such as token files."""
+    all if it raises): for files written in pieces, such as token files. A remote object is
+    written directly: an object store replaces an object whole."""
+    if not is_local(path):
+        with as_path(path).open("wb") as file:
+            yield file
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -96,7 +116,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
     Raises ``OSError`` or ``ValueError`` for a missing or malformed file.
     """
-    return from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    return from_json(json.loads(as_path(path).read_text(encoding="utf-8")))
 
 
 def read_json_or_none(path: str | os.PathLike) -> Any:
@@ -115,7 +135,7 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list:
     """Every record of a JSON-lines file in order; a line cut short by a crash is skipped."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         return []
     records = []

@@ -107,7 +107,8 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=True,
         mlp_ratio=(hf.get("n_inner") or 4 * d) // d, dtype="float32",
         vocab_size=hf["vocab_size"], attention_bias=True,
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), first_layer_norm=True,
+        embed_init_std=float(hf.get("initializer_range", 0.02)),
     ))
 
 
@@ -311,7 +312,9 @@ def model_cfg_of(model: model_lib.GPT) -> ml_collections.ConfigDict:
         dropout=model.dropout_rate, tie_embeddings=model.tie_embeddings,
         use_bias=first.fc.bias is not None, mlp_ratio=first.fc.kernel[...].shape[1] // d,
         dtype=model.dtype_name, vocab_size=model.token_embed.num_embeddings,
-        attention_bias=first.attention_bias, layer_norm_eps=first.ln_attn.epsilon))
+        attention_bias=first.attention_bias, layer_norm_eps=first.ln_attn.epsilon,
+        first_layer_norm=first.norm_input,
+        embed_init_std=0.02))  # the initialisation's scale is not in the parameters
 
 
 def export_gpt2(model: model_lib.GPT, path: str | os.PathLike) -> None:
@@ -323,6 +326,10 @@ def export_gpt2(model: model_lib.GPT, path: str | os.PathLike) -> None:
     from safetensors.numpy import save
 
     cfg = model_cfg_of(model)
+    if not cfg.first_layer_norm:
+        raise UserError("a model whose first block reads the raw embeddings "
+                        "(model.first_layer_norm=False) has no GPT-2 form; export only models "
+                        "with every block's LayerNorm")
     params = nnx.to_pure_dict(nnx.split(model)[1])
     path = Path(path).expanduser()
     files.write_bytes(path / WEIGHTS_FILE, save(tensors_from_params(

@@ -1,4 +1,7 @@
-"""Shared fixtures: small random attention layers in float64 for oracle comparisons."""
+"""Shared fixtures: small random attention layers in float64 for oracle comparisons, and the
+environment of ``scripts/train.py`` subprocesses."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,3 +49,15 @@ def data_cfg(**overrides):
     cfg = common.base_config().data
     cfg.update(overrides)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def env(request, tmp_path_factory):
+    """``scripts/train.py``'s environment in subprocesses (``_train_helpers.train_env``), with a
+    JAX compilation cache in pytest's cache folder, so only a setting's first run compiles."""
+    from _train_helpers import train_env
+
+    cache = request.config.cache
+    cache_dir = (Path(cache.mkdir("jax_compilation_cache")) if cache is not None
+                 else tmp_path_factory.mktemp("jax_compilation_cache"))
+    return train_env(cache_dir)

@@ -25,7 +25,8 @@ def autodiff_diagonal_blocks(params, u, head=None):
 
 @jax.jit
 def closed_form(params, u):
-    _, stats = attention.causal_self_attention(params, u, scope="both")
+    _, stats = attention.causal_self_attention(params, u, scope="both", with_gains=True,
+                                               with_spectra=True)
     return stats, attention.margins(params, u), attention.margins(params, u, scope="head")
 
 
@@ -43,7 +44,8 @@ SHAPES = list(random_shapes(16))
 
 @pytest.mark.parametrize("seed,d,heads,head_dim,tokens", SHAPES)
 def test_closed_form_matches_autodiff_blocks(x64, seed, d, heads, head_dim, tokens):
-    """log|det|, sign and sigma_min per token, whole layer and per head, to 1e-9."""
+    """log|det|, sign, sigma_min, the self-gain ||I - J_t||_2 and the self-map's eigenvalues
+    per token, whole layer and per head, to 1e-9."""
     params, u = random_layer(seed, d, heads, head_dim, tokens, scale=3.0, dtype=jnp.float64)
     stats, layer_margins, head_margins = closed_form(params, u)
     blocks = np.asarray(autodiff_diagonal_blocks(params, u))
@@ -52,6 +54,14 @@ def test_closed_form_matches_autodiff_blocks(x64, seed, d, heads, head_dim, toke
     np.testing.assert_array_equal(stats.sign, sign)
     expected_margins = np.linalg.svd(blocks, compute_uv=False)[:, -1]
     np.testing.assert_allclose(layer_margins, expected_margins, atol=1e-9, rtol=0)
+    self_maps = np.eye(d) - blocks
+    np.testing.assert_allclose(stats.gain, np.linalg.svd(self_maps, compute_uv=False)[:, 0],
+                               atol=1e-9, rtol=0)
+    eigenvalues = np.linalg.eigvals(self_maps)
+    np.testing.assert_allclose(stats.spectral_radius, np.abs(eigenvalues).max(axis=-1),
+                               atol=1e-8, rtol=0)
+    np.testing.assert_allclose(stats.eig_real_max, eigenvalues.real.max(axis=-1), atol=1e-8)
+    np.testing.assert_allclose(stats.eig_real_min, eigenvalues.real.min(axis=-1), atol=1e-8)
     for h in range(heads):
         head_blocks = np.asarray(autodiff_diagonal_blocks(params, u, head=h))
         sign, logabsdet = np.linalg.slogdet(head_blocks)
@@ -59,6 +69,8 @@ def test_closed_form_matches_autodiff_blocks(x64, seed, d, heads, head_dim, toke
         np.testing.assert_array_equal(stats.head_sign[h], sign)
         expected_margins = np.linalg.svd(head_blocks, compute_uv=False)[:, -1]
         np.testing.assert_allclose(head_margins[h], expected_margins, atol=1e-9, rtol=0)
+        expected_gains = np.linalg.svd(np.eye(d) - head_blocks, compute_uv=False)[:, 0]
+        np.testing.assert_allclose(stats.head_gain[h], expected_gains, atol=1e-9, rtol=0)
 
 
 def with_biases(params, seed: int, scale: float = 1.0) -> dict:

@@ -83,6 +83,9 @@ def test_targets_compare_each_measurement_with_its_goal():
          "step_vs_ce": 1.31},
         {"config": "c", "mode": benchmark.PEER_MODE, "tokens_per_s": 1001.0,
          "description": "peer"},
+        {"config": "c", "mode": "margin_hinge_estimator", "position_fraction": 0.25,
+         "step_vs_ce": 1.2},
+        {"config": "c", "mode": "prior_p8", "step_vs_ce": 1.12},
     ]
     targets = report.targets_table(rows, peer_tokens_per_s=19000)
     assert {t["target"]: t["met"] for t in targets} == {
@@ -93,6 +96,8 @@ def test_targets_compare_each_measurement_with_its_goal():
         "c: estimator on 1/4 of positions, step time / CE": True,
         "c: estimator on 1/4 of positions and 1/8 of steps, mean step time / CE": False,
         "c: CE-only tokens/s vs nanoGPT (peer), same run": False,
+        "c: margin_hinge estimator on 1/4 of positions, step time / CE": True,
+        "c: embedding prior (prior_dim 8), step time / CE": False,
     }
     assert [report._fraction_text(f) for f in (1 / 32, 0.3, 1.0)] == ["1/32", "0.3", "all"]
     # Without a peer in the run, shakespeare_char:cpu's CE-only is held to the quoted rate.

@@ -50,7 +50,7 @@ PLANTED_BUG = """
 import runpy, sys
 from stm_jax import model
 
-def broken_init(self, cfg, *, rngs):
+def broken_init(self, cfg, **kwargs):
     raise KeyError("planted: a researcher's model edit")
 
 model.GPT.__init__ = broken_init

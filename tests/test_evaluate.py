@@ -75,7 +75,7 @@ def test_writes_results_report_and_plots(workdir, evaluated):
     assert on_disk["splits"]["validation"]["clean"] == results["splits"]["validation"]["clean"]
     assert on_disk["step"] == 10 and "test" in on_disk["skipped_splits"]
     report = (workdir / evaluation.REPORT_FILE).read_text(encoding="utf-8")
-    for heading in ("## Bits per character", "## Robustness to embedding noise (validation)",
+    for heading in ("## Bits per character", "## Robustness to noise (validation)",
                     "## Margins to degeneracy", "## Support tokens in validation windows"):
         assert heading in report
     assert "| test | not evaluated: the dataset has no 'test' split" in report
@@ -120,6 +120,86 @@ def test_noise_is_the_documented_draw_and_hurts(workdir, evaluated, trained):
             losses.append(optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets))
         assert by_sigma[mode][0.5] == pytest.approx(float(np.mean(losses)) / math.log(2),
                                                     rel=1e-5)
+
+
+def test_latent_rms_and_the_ratios_next_to_clean(workdir, evaluated, trained):
+    """The embedding's RMS over tokens and dimensions, absolute sigma in its units, and the
+    noisy/clean ratios, each from the evaluation's own clean and noisy numbers."""
+    results, _, _ = evaluated
+    model, config, _, _ = trained
+    squares = [np.mean(np.asarray(model.embed(jnp.asarray(inputs))) ** 2)
+               for inputs, _ in validation_batches(workdir, config)]
+    split = results["splits"]["validation"]
+    rms = split["clean"]["latent_rms"]
+    assert rms == pytest.approx(math.sqrt(np.mean(squares)), rel=1e-5)
+    for mode, rows in split["robustness"].items():
+        for row in rows:
+            assert row["accuracy_ratio"] == pytest.approx(
+                row["accuracy"] / split["clean"]["accuracy"])
+            assert row["bpc_ratio"] == pytest.approx(row["bpc"] / split["clean"]["bpc"])
+            assert ("sigma_in_rms" in row) == (mode == "absolute")
+            if mode == "absolute":
+                assert row["sigma_in_rms"] == pytest.approx(row["sigma"] / rms)
+
+
+def test_noise_on_a_later_layer(workdir, trained, tmp_path):
+    """--noise_layer=1: the noise on the residual stream entering block 1 (the oracle runs
+    block 0 by hand), in files of its own; the standard results are left as they were."""
+    model, config, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    standard = (copy / evaluation.RESULTS_FILE).read_bytes()
+    results = evaluate.evaluate_workdir(copy, noise_layer=1, sigmas=(0.0, 0.5),
+                                        noise_modes=("relative",), splits=("validation",),
+                                        **{key: SETTINGS[key] for key in (
+                                            "max_batches", "margin_batches",
+                                            "margin_batch_size", "bottom_k", "seed")})
+    assert (copy / evaluation.output_name(evaluation.RESULTS_FILE, "noise_layer1")).exists()
+    assert (copy / evaluation.RESULTS_FILE).read_bytes() == standard
+    losses = []
+    for index, (inputs, targets) in enumerate(validation_batches(workdir, config)):
+        x, _ = model.blocks[0](model.embed(jnp.asarray(inputs)), record=Record(),
+                               dtype=jnp.float32, key=None)
+        noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), index), x.shape)
+        noisy = x + 0.5 * jnp.sqrt(jnp.mean(x**2, -1, keepdims=True)) * noise
+        logits, _ = model.from_embeddings(noisy, start_layer=1)
+        losses.append(optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets))
+    row = results["splits"]["validation"]["robustness"]["relative"][1]
+    assert row["bpc"] == pytest.approx(float(np.mean(losses)) / math.log(2), rel=1e-5)
+    with pytest.raises(UserError, match="noise_layer=2 must be between 0"):
+        evaluate.evaluate_workdir(copy, noise_layer=2)
+
+
+def test_noise_gain_and_spectra_per_layer(workdir, evaluated, trained):
+    """The per-layer noise gain from the same draw (oracle by hand on the margin windows),
+    and the self-map spectrum's summary against the eigenvalues of the dense blocks."""
+    results, _, _ = evaluated
+    model, config, _, _ = trained
+    tokens, _, _ = data.load_dataset(config.data, workdir)
+    windows = next(data.eval_batches(tokens["validation"], batch_size=4,
+                                     context=config.model.context))[0]
+    x0 = model.embed(jnp.asarray(windows))
+    rms = jnp.sqrt(jnp.mean(x0**2, -1, keepdims=True))
+    key = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+    delta = 0.01 * rms * jax.random.normal(key, x0.shape)
+    clean, noisy, gains = x0, x0 + delta, []
+    for block in model.blocks:
+        clean, _ = block(clean, record=Record(), dtype=jnp.float32, key=None)
+        noisy, _ = block(noisy, record=Record(), dtype=jnp.float32, key=None)
+        gains.append(float(np.mean(np.linalg.norm(noisy - clean, axis=-1)
+                                   / np.linalg.norm(delta, axis=-1))))
+    layers = results["margins"]["layers"]
+    assert [layer["noise_gain"] for layer in layers] == pytest.approx(gains, rel=1e-3)
+    # The spectrum: the first window's layer-0 self-maps I - J_t, densely.
+    u = model.blocks[0].ln_attn(x0[0])
+    params = model.blocks[0].attention_params()
+    full = jax.jacfwd(lambda v: attention.residual(params, v))(u)
+    self_maps = np.eye(u.shape[-1]) - np.asarray(jnp.einsum("tdte->tde", full))
+    radius = np.abs(np.linalg.eigvals(self_maps)).max(axis=-1)
+    spectrum = layers[0]["spectrum"]
+    assert spectrum["spectral_radius_quantiles"]["q100"] >= radius.max() - 1e-5
+    assert spectrum["spectral_radius_quantiles"]["q00"] <= radius.min() + 1e-5
+    assert 0.0 <= spectrum["fraction_real_above_one"] <= 1.0
 
 
 def test_margins_and_support_tokens_match_attention_oracle(workdir, evaluated, trained):

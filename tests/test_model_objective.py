@@ -3,13 +3,13 @@
 import jax
 import jax.numpy as jnp
 import jax.test_util
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from conftest import objective_cfg
 from flax import nnx
 
+from configs import common
 from stm_jax import model as model_lib
 from stm_jax import objective
 from stm_jax.core import attention, barrier
@@ -18,10 +18,9 @@ from stm_jax.model import Record
 
 
 def small_model(seed=0, **overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        vocab_size=11, num_layers=2, num_heads=2, d_model=8, context=7, dropout=0.0,
-        tie_embeddings=True, use_bias=True, mlp_ratio=2, dtype="float32", attention_bias=False,
-        layer_norm_eps=1e-6))
+    cfg = common.base_config().model
+    cfg.update(vocab_size=11, num_layers=2, num_heads=2, d_model=8, context=7, dropout=0.0,
+               tie_embeddings=True, use_bias=True, mlp_ratio=2, dtype="float32")
     cfg.update(overrides)
     return model_lib.init_model(cfg, seed)
 
@@ -52,7 +51,9 @@ def test_ce_only_equals_optax_cross_entropy():
     expected = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_allclose(aux["bpc"], expected / np.log(2), rtol=1e-6)
-    assert set(aux) == {"loss", "ce", "bpc"}
+    assert set(aux) == {"loss", "ce", "bpc", "embedding_rms"}
+    x0 = np.asarray(nnx.jit(lambda m, x: m.embed(x))(model, inputs))
+    np.testing.assert_allclose(aux["embedding_rms"], np.sqrt(np.mean(x0**2)), rtol=1e-6)
 
 
 def test_margin_term_is_the_mean_smooth_barrier_of_per_head_log_dets(x64):

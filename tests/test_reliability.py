@@ -48,14 +48,6 @@ pytestmark = pytest.mark.xdist_group("reliability")
 
 
 @pytest.fixture(scope="module")
-def env(request, tmp_path_factory):
-    cache = request.config.cache
-    cache_dir = (Path(cache.mkdir("jax_compilation_cache")) if cache is not None
-                 else tmp_path_factory.mktemp("jax_compilation_cache"))
-    return train_env(cache_dir)
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("data") / "corpus.txt")
 
@@ -347,7 +339,8 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
         return tmp / name
 
     fresh = {name: tmp / name for name in ("missing", "short", "unknown_key", "batch",
-                                            "microbatches", "heads")}
+                                            "microbatches", "heads", "mesh", "partial",
+                                            "no_cluster")}
     return {
         "missing_data_file": (train_args(tmp / "no_such.txt", fresh["missing"]), {},
                               fresh["missing"],
@@ -388,6 +381,18 @@ def _bad_input_cases(tmp: Path, text_file: Path, reference: Path) -> dict:
             fresh["microbatches"],
             r"microbatches=3 must divide the 8 rows of batch_size=8 on each of 1 device\(s\); "
             r"use a divisor of 8"),
+        "mesh_larger_than_the_devices": (
+            train_args(text_file, fresh["mesh"], **{"mesh.fsdp": 2}), {}, fresh["mesh"],
+            r"mesh\.data=-1, mesh\.fsdp=2, mesh\.model=1 need a multiple of 2 devices, but "
+            r"there are 1"),
+        "distributed_settings_half_given": (
+            train_args(text_file, fresh["partial"],
+                       **{"distributed.coordinator_address": "localhost:1"}), {},
+            fresh["partial"], r"give all three \(HOST:PORT, N and 0 <= I < N\) or none"),
+        "distributed_without_a_cluster": (
+            train_args(text_file, fresh["no_cluster"], **{"distributed.enabled": True}), {},
+            fresh["no_cluster"], r"jax\.distributed\.initialize could not start .*no TPU pod, "
+            r"Slurm or MPI environment was detected"),
         "workdir_is_a_file": (train_args(text_file, files / "a_file"), {}, files / "a_file",
                               r"workdir \S+a_file exists but is not a directory"),
         "workdir_under_a_file": (train_args(text_file, files / "a_file" / "run"), {},
@@ -419,6 +424,8 @@ BAD_INPUTS = ["missing_data_file", "empty_data_file", "non_utf8_text",
               "other_text_in_trained_workdir", "unknown_config_key", "bad_model_key_before_data",
               "negative_lambda",
               "batch_not_divisible_by_devices", "microbatches_do_not_split_the_batch",
+              "mesh_larger_than_the_devices", "distributed_settings_half_given",
+              "distributed_without_a_cluster",
               "workdir_is_a_file", "workdir_under_a_file"]
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stm_jax.core.penalties import DETERMINANT_PENALTIES
 from stm_jax.trainer import flops, steps
 
 # name -> objective overrides (and "microbatches", which overrides the config's own);
@@ -40,10 +41,19 @@ MODES = {
     # barrier step, then seven CE-only ones (see _step_pattern).
     "head_lazy": {"lambda_m": 0.02, "scope": "head", "barrier_fraction": 1 / 32,
                   "barrier_step_fraction": 0.125},
+    # The readings (docs/math.md sections 9-10): the embedding prior (exact, every position
+    # from the second), and each other penalty on the model's heads with the estimator.
+    "prior_p8": {"lambda_m": 0.02, "barrier_target": "embedding_prior", "prior_dim": 8},
+    "prior_full_width": {"lambda_m": 0.02, "barrier_target": "embedding_prior", "prior_dim": 0},
+    **{f"{penalty}_estimator": {"lambda_m": 0.02, "scope": "head", "penalty": penalty,
+                                "barrier_fraction": 1 / 32}
+       for penalty in ("abs_log_capped", "margin_hinge", "small_gain", "logdet_squared")},
 }
 
-
-ESTIMATOR_MODES = ("head_estimator", "head_lazy")  # the modes with a fraction of positions
+# The modes with a fraction of positions (set per config by with_estimator_fraction).
+ESTIMATOR_MODES = ("head_estimator", "head_lazy", "abs_log_capped_estimator",
+                   "margin_hinge_estimator", "small_gain_estimator", "logdet_squared_estimator")
+PRIOR_MODES = ("prior_p8", "prior_full_width")
 PEER_MODE = "nanogpt_torch"  # the row of the peer's step (see benchmark_config's ``peer``)
 
 
@@ -67,13 +77,18 @@ def _compile(config, inputs):
     start = time.perf_counter()
     programs = steps.compile_train_steps(graphdef, config, tx, state, inputs, inputs)
     compile_s = time.perf_counter() - start
-    peaks = []
-    for program in programs.values():
-        memory = program.memory_analysis()
-        if memory is not None:
-            peaks.append(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return programs, state, compile_s, max(peaks, default=None)
+    peaks = [peak_bytes(program) for program in programs.values()]
+    return programs, state, compile_s, max((p for p in peaks if p is not None), default=None)
+
+
+def peak_bytes(program) -> int | None:
+    """XLA's account of a compiled program's memory on one device: arguments + outputs +
+    temporaries - what outputs share with donated arguments (None where XLA gives none)."""
+    memory = program.memory_analysis()
+    if memory is None:
+        return None
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
 def _timed_second_pass(calls: list) -> list[float]:
@@ -165,11 +180,16 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                        step_fraction=step_fraction)
         if overrides.get("lambda_m", 0) > 0:
             position_fraction = overrides.get("barrier_fraction", 1.0)
-            floor_s = 3 * step_fraction * flops.barrier_forward_flops(
-                config.model, config.batch_size, overrides["scope"],
-                position_fraction) / matmul_rate
-            row.update(floor_ms=1e3 * floor_s, position_fraction=position_fraction,
-                       overhead_vs_floor=(median[mode] - ce_time) / floor_s)
+            row.update(position_fraction=position_fraction)
+            # The floor counts the attention blocks' log-dets only (not the prior's blocks,
+            # nor the SVDs of the singular-value penalties).
+            determinants = overrides.get("penalty", "log_barrier") in DETERMINANT_PENALTIES
+            if determinants and "scope" in overrides:
+                floor_s = 3 * step_fraction * flops.barrier_forward_flops(
+                    config.model, config.batch_size, overrides["scope"],
+                    position_fraction) / matmul_rate
+                row.update(floor_ms=1e3 * floor_s,
+                           overhead_vs_floor=(median[mode] - ce_time) / floor_s)
         rows.append(row)
     if peer is not None:
         rows.append({**timing_row(PEER_MODE, None, 0.0, 1), "description": peer.describe()})
@@ -211,7 +231,7 @@ def estimator_spreads(config, fraction: float, draws: int = 32, step_fraction: f
         model = nnx.merge(graphdef, params)
         positions = objective.barrier_positions(*inputs.shape, fraction, key, sampling)
         _, stats = model(inputs, record=Record(scope="head", positions=positions))
-        return objective.barrier_term(stats, cfg)[0]
+        return objective.penalty_term(stats, cfg, head=True)[0]
 
     exact = float(barrier_value(state["params"], None, 1.0, samplings[0]))
     spreads = []

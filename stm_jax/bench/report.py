@@ -73,12 +73,19 @@ def targets_table(rows: list[dict], *, peer_tokens_per_s: float) -> list[dict]:
         for mode in ESTIMATOR_MODES:
             if (config, mode) in by:
                 r = by[(config, mode)]
-                positions = f"estimator on {_fraction_text(r['position_fraction'])} of positions"
+                penalty = mode.removesuffix("_estimator")
+                name = "" if mode.startswith("head_") else f"{penalty} "
+                positions = (f"{name}estimator on {_fraction_text(r['position_fraction'])} "
+                             "of positions")
                 what = (f"{positions}, step time" if "step_fraction" not in r else
                         f"{positions} and {_fraction_text(r['step_fraction'])} of steps, "
                         "mean step time")
                 add(f"{config}: {what} / CE", f"{r['step_vs_ce']:.2f}x", "<= 1.3x",
                     r["step_vs_ce"] <= 1.3)
+        if (config, "prior_p8") in by:
+            r = by[(config, "prior_p8")]
+            add(f"{config}: embedding prior (prior_dim 8), step time / CE",
+                f"{r['step_vs_ce']:.2f}x", "<= 1.1x", r["step_vs_ce"] <= 1.1)
         if (config, "ce") in by and (config, PEER_MODE) in by:
             r, peer = by[(config, "ce")], by[(config, PEER_MODE)]
             add(f"{config}: CE-only tokens/s vs nanoGPT ({peer['description']}), same run",

@@ -25,6 +25,7 @@ enter, and the ``T d x T d`` Jacobian is never formed.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -45,6 +46,11 @@ class AttentionStats(NamedTuple):
     head_sign: jax.Array | None = None  # (H, T)
     margin: jax.Array | None = None  # (T,) sigma_min(J_t) (``with_margins``)
     head_margin: jax.Array | None = None  # (H, T) sigma_min(I_d - W_O^h G_t^h)
+    gain: jax.Array | None = None  # (T,) ||M_t||_2 with J_t = I_d - M_t (``with_gains``)
+    head_gain: jax.Array | None = None  # (H, T) ||W_O^h G_t^h||_2
+    spectral_radius: jax.Array | None = None  # (T,) of M_t (``with_spectra``)
+    eig_real_max: jax.Array | None = None  # (T,)
+    eig_real_min: jax.Array | None = None  # (T,)
 
 
 class Moments(NamedTuple):
@@ -286,6 +292,10 @@ def causal_self_attention(
     positions: jax.Array | None = None,
     chunk_size: int = 0,
     with_margins: bool = False,
+    with_gains: bool = False,
+    singular_scope: Scope | None = None,
+    with_spectra: bool = False,
+    gram: bool = False,
 ) -> tuple[jax.Array, AttentionStats]:
     """Multi-head causal self-attention of ``u: (T, d)`` and its Jacobian statistics.
 
@@ -296,8 +306,13 @@ def causal_self_attention(
         diagonal blocks), "both" (default), or "none" to skip the Jacobian work entirely.
       positions: optional (n,) token indices: log-dets for those tokens only.
       chunk_size: > 0 bounds memory by computing the log-dets in chunks of tokens.
-      with_margins: also the margins of every token, layer and head (an SVD each; for
-        evaluation), from the same attention moments.
+      with_margins, with_gains: also the margins sigma_min(J_t) and self-gains ||M_t||_2 of
+        the same tokens (an SVD each), from the same attention moments, for
+        ``singular_scope`` (default: ``scope``; it may ask for blocks whose log-dets are not
+        wanted, ``scope="none"``).
+      with_spectra: also ``self_map_spectrum`` of every token (an eigendecomposition each).
+      gram: singular values from Gram matrices (faster with gradients; see
+        ``extreme_singular_value``).
 
     Returns:
       out: (T, d), sum_h W_O^h o_t^h with the self-term s = t included.
@@ -305,9 +320,12 @@ def causal_self_attention(
     """
     m = attention_moments(params, u)
     stats = jacobian_stats(params, m, scope, positions=positions, chunk_size=chunk_size)
-    if with_margins:
-        stats = stats._replace(margin=margins_of(params, m, "layer"),
-                               head_margin=margins_of(params, m, "head"))
+    if with_margins or with_gains:
+        stats = stats._replace(**singular_value_stats(
+            params, m, scope if singular_scope is None else singular_scope,
+            positions=positions, margins=with_margins, gains=with_gains, gram=gram))
+    if with_spectra:
+        stats = stats._replace(**self_map_spectrum(params, m))
     return attention_output(params, m), stats
 
 
@@ -335,24 +353,23 @@ def decode_attention(params: dict, u: jax.Array, keys: jax.Array, values: jax.Ar
 
 
 # ---------------------------------------------------------------------------------------
-# Margins to degeneracy: sigma_min of the d x d block (Eckart-Young distance to singularity).
+# Singular values: margins to degeneracy sigma_min(J_t) (Eckart-Young distance to singularity)
+# and self-gains ||M_t||_2 of J_t = I - M_t (the invertible-residual condition is ||M_t|| < 1).
 
 
-def token_jacobian_factors(params: dict, m: Moments, rows: QueryRows | None = None
-                           ) -> tuple[jax.Array, jax.Array]:
-    """U and G with J_t^h = I_d - U^h G_t^h, for every token or the tokens of ``rows``.
+def jacobian_factors(params: dict, m: Moments, rows: QueryRows) -> tuple[jax.Array, jax.Array]:
+    """U and G with J_t^h = I_d - U^h G_t^h for the rows' tokens.
 
     U: (H, d, p), U^h = W_O^h.  G: (H, n, p, d), G_t^h = d o_t^h / d u_t (math.md section 2).
     """
-    rows = query_rows(m) if rows is None else rows
-    head_dim = m.q.shape[-1]
-    cov = jnp.einsum("hts,hsi,hsj->htij", rows.attn, m.v, m.k)
-    cov -= jnp.einsum("hti,htj->htij", rows.o, rows.kbar)  # C_t^h
+    head_dim = rows.q.shape[-1]
+    cov = _weighted_outer_sum(rows.attn, m.v, m.k)
+    cov -= rows.o[..., :, None] * rows.kbar[..., None, :]  # C_t^h, (H, n, p, p)
     wq_h = jnp.moveaxis(params["wq"], 1, 0)  # (H, d, p): W_Q^h transposed
     wk_h = jnp.moveaxis(params["wk"], 1, 0)
     wv_h = jnp.moveaxis(params["wv"], 1, 0)
-    through_query = jnp.einsum("htij,hdj->htid", cov, wq_h)
-    through_key = jnp.einsum("ht,hti,htj,hdj->htid", rows.a_self, rows.v_self - rows.o, rows.q,
+    through_query = jnp.einsum("hnij,hdj->hnid", cov, wq_h)
+    through_key = jnp.einsum("hn,hni,hnj,hdj->hnid", rows.a_self, rows.v_self - rows.o, rows.q,
                              wk_h)
     through_value = rows.a_self[:, :, None, None] * jnp.swapaxes(wv_h, 1, 2)[:, None]
     g = (through_query + through_key) / jnp.sqrt(head_dim) + through_value
@@ -360,20 +377,149 @@ def token_jacobian_factors(params: dict, m: Moments, rows: QueryRows | None = No
     return u_factor, g
 
 
-def sigma_min_identity_minus_low_rank(left: jax.Array, right: jax.Array) -> jax.Array:
-    """Smallest singular value of ``I_d - left @ right.T`` for left, right: (d, r).
+def token_jacobian_factors(params: dict, m: Moments) -> tuple[jax.Array, jax.Array]:
+    """``jacobian_factors`` of every token: U (H, d, p) and G (H, T, p, d)."""
+    return jacobian_factors(params, m, query_rows(m))
 
-    When 2r < d the map is the identity on the orthogonal complement of span[left, right]
-    and leaves that span invariant, so its singular values are those of a 2r x 2r matrix
-    plus ones: sigma_min = min(1, sigma_min(Q^T J Q)) for an orthonormal basis Q of the span.
+
+def _reduced_self_map(left: jax.Array, right: jax.Array) -> tuple[jax.Array, bool]:
+    """M = left @ right.T (d x d, rank <= r) on the smallest space that holds its action.
+
+    When 2r < d, M vanishes on the orthogonal complement of span[left, right] and maps the
+    span into itself: its singular values, and those of I - M, are those of a 2r x 2r matrix
+    (plus zeros for M and ones for I - M). Returns (that matrix, whether it was reduced).
+    The QR's derivative needs [left, right] of full column rank, the generic case (for a
+    head, [W_O^h, G_t^h^T] with a_tt > 0); at an exactly rank-deficient pair it is not finite.
     """
     dim, rank = left.shape
     if 2 * rank >= dim:
-        jac = jnp.eye(dim, dtype=left.dtype) - left @ right.T
-        return jnp.linalg.svd(jac, compute_uv=False)[-1]
+        return left @ right.T, False
     basis, _ = jnp.linalg.qr(jnp.concatenate([left, right], axis=1))
-    reduced = jnp.eye(2 * rank, dtype=left.dtype) - (basis.T @ left) @ (right.T @ basis)
-    return jnp.minimum(jnp.linalg.svd(reduced, compute_uv=False)[-1], 1.0)
+    return (basis.T @ left) @ (right.T @ basis), True
+
+
+def _symmetric_extreme(matrix: jax.Array, which: str) -> jax.Array:
+    eigenvalues = jnp.linalg.eigvalsh(matrix)
+    return eigenvalues[..., 0] if which == "min" else eigenvalues[..., -1]
+
+
+def _safe_sqrt(squared: jax.Array) -> jax.Array:
+    positive = squared > 0  # sqrt's slope is infinite at 0: no gradient from there
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def extreme_singular_value(matrix: jax.Array, which: str, gram: bool = False) -> jax.Array:
+    """The smallest ("min") or largest ("max") singular value of ``matrix`` (..., k, k).
+
+    ``gram`` takes it from the eigenvalues of matrix^T matrix (``eigvalsh``) instead of an
+    SVD: the same in exact arithmetic and, with its gradient, many times faster on CPU, but it
+    squares the condition number, so a singular value below about 1e-3 of the largest loses
+    its digits in float32. Training's penalties use it; evaluation reports the SVD's.
+    """
+    if not gram:
+        values = jnp.linalg.svd(matrix, compute_uv=False)
+        return values[..., -1] if which == "min" else values[..., 0]
+    return _safe_sqrt(_symmetric_extreme(jnp.swapaxes(matrix, -1, -2) @ matrix, which))
+
+
+def sigma_min_identity_minus_low_rank(left: jax.Array, right: jax.Array,
+                                      gram: bool = False) -> jax.Array:
+    """Smallest singular value of ``I_d - left @ right.T`` for left, right: (d, r).
+
+    ``gram`` avoids the QR and the SVD, whose gradients dominate a training step: with
+    W = [left, right] and J = I - left right^T, J^T J = I + W C W^T for
+    C = [[0, -I], [-I, left^T left]], so the eigenvalues of J^T J besides the ones are
+    1 + those of K^T C K, K the Cholesky factor of the 2r x 2r Gram matrix W^T W (the same
+    full column rank condition as the QR). Squaring costs digits (``extreme_singular_value``).
+    """
+    dim, rank = left.shape
+    if not gram or 2 * rank >= dim:
+        self_map, reduced = _reduced_self_map(left, right) if not gram else (
+            left @ right.T, False)
+        eye = jnp.eye(self_map.shape[0], dtype=self_map.dtype)
+        smallest = extreme_singular_value(eye - self_map, "min", gram)
+        return jnp.minimum(smallest, 1.0) if reduced else smallest
+    basis = jnp.concatenate([left, right], axis=1)
+    factor = jnp.linalg.cholesky(basis.T @ basis)
+    eye, zeros = jnp.eye(rank, dtype=left.dtype), jnp.zeros((rank, rank), left.dtype)
+    coupling = jnp.block([[zeros, -eye], [-eye, left.T @ left]])
+    squared = 1.0 + _symmetric_extreme(factor.T @ coupling @ factor, "min")
+    return jnp.minimum(_safe_sqrt(squared), 1.0)
+
+
+def sigma_max_low_rank(left: jax.Array, right: jax.Array, gram: bool = False) -> jax.Array:
+    """Largest singular value (spectral norm) of ``left @ right.T`` for left, right: (d, r).
+
+    ``gram``: ||left right^T||^2 is the largest eigenvalue of K^T (right^T right) K, K the
+    Cholesky factor of left^T left (r x r): no QR, no SVD.
+    """
+    if not gram:
+        self_map, _ = _reduced_self_map(left, right)
+        return extreme_singular_value(self_map, "max")
+    factor = jnp.linalg.cholesky(left.T @ left)
+    return _safe_sqrt(_symmetric_extreme(factor.T @ (right.T @ right) @ factor, "max"))
+
+
+def singular_value_stats(params: dict, m: Moments, scope: Scope, *,
+                         positions: jax.Array | None = None, margins: bool = True,
+                         gains: bool = False, gram: bool = False) -> dict:
+    """Per-token singular values of the Jacobian blocks, for every token or ``positions``.
+
+    "layer" scope: "margin" sigma_min(J_t) and "gain" ||M_t||_2, (n,); "head" scope:
+    "head_margin" and "head_gain" of head h acting alone, J_t^h = I_d - W_O^h G_t^h, (H, n);
+    "both": all four. One SVD per token and block, of a 2r x 2r matrix when 2r < d
+    (``gram``: an eigendecomposition of its Gram matrix instead, ``extreme_singular_value``).
+
+    Their gradients are those of ``jnp.linalg.svd``'s singular values: ds_k = u_k^T dA v_k
+    for the singular pair LAPACK returns. Where a singular value is repeated it is not
+    differentiable, and this is one element of its generalized gradient (math.md section 9).
+    """
+    if scope not in ("head", "layer", "both"):
+        raise ValueError(f"singular values need scope 'head', 'layer' or 'both', got {scope!r}")
+    u_factor, g = jacobian_factors(params, m, query_rows(m, positions))  # (H,d,p), (H,n,p,d)
+    wanted = [(name, functools.partial(fn, gram=gram)) for name, fn, on in (
+        ("margin", sigma_min_identity_minus_low_rank, margins),
+        ("gain", sigma_max_low_rank, gains)) if on]
+    stats = {}
+    if scope in ("head", "both"):
+        right = jnp.swapaxes(g, -1, -2)  # (H, n, d, p)
+        for name, fn in wanted:
+            per_token = jax.vmap(fn, in_axes=(None, 0))
+            stats[f"head_{name}"] = jax.vmap(per_token)(u_factor, right)
+    if scope in ("layer", "both"):
+        num_heads, dim, head_dim = u_factor.shape
+        left = jnp.moveaxis(u_factor, 0, 1).reshape(dim, num_heads * head_dim)
+        right = jnp.swapaxes(jnp.moveaxis(g, 0, 1).reshape(-1, num_heads * head_dim, dim), -1, -2)
+        for name, fn in wanted:
+            stats[name] = jax.vmap(fn, in_axes=(None, 0))(left, right)
+    return stats
+
+
+def self_map_spectrum(params: dict, m: Moments) -> dict:
+    """A summary of the eigenvalues of every token's self-map M_t = I_d - J_t, (T,) each:
+    "spectral_radius" max |lambda|, "eig_real_max" and "eig_real_min" (the largest and
+    smallest real part). det J_t = prod (1 - lambda), so an eigenvalue with real part above 1
+    is how a token crosses the degeneracy boundary.
+
+    M_t = U G_t (d x d) and B_t = G_t U (Hp x Hp, ``layer_block_matrix``) share their nonzero
+    eigenvalues; the smaller of the two is decomposed, and the zeros the larger one adds are
+    counted in.
+    """
+    num_heads, _, head_dim = m.q.shape
+    dim, width = params["wq"].shape[0], num_heads * head_dim
+    rows = query_rows(m)
+    if width > dim:
+        u_factor, g = jacobian_factors(params, m, rows)
+        maps = jnp.einsum("hdp,htpe->tde", u_factor, g)  # M_t = sum_h W_O^h G_t^h
+    else:
+        maps = layer_block_matrix(m, rows, *weight_products(params))
+    maps = maps.astype(jnp.promote_types(maps.dtype, jnp.float32))
+    eigenvalues = jnp.linalg.eigvals(maps)  # (T, min(d, H p)), complex
+    real_max, real_min = jnp.max(eigenvalues.real, axis=-1), jnp.min(eigenvalues.real, axis=-1)
+    if width < dim:  # M_t has d - H p more eigenvalues, all 0
+        real_max, real_min = jnp.maximum(real_max, 0.0), jnp.minimum(real_min, 0.0)
+    return {"spectral_radius": jnp.max(jnp.abs(eigenvalues), axis=-1),
+            "eig_real_max": real_max, "eig_real_min": real_min}
 
 
 def margins(params: dict, u: jax.Array, *, scope: Literal["layer", "head"] = "layer") -> jax.Array:
@@ -389,17 +535,10 @@ def margins_of(params: dict, m: Moments, scope: Literal["layer", "head"] = "laye
                positions: jax.Array | None = None) -> jax.Array:
     """``margins`` from attention moments already computed (the forward pass's own), of
     every token or of the token indices ``positions`` (n,) only (bounded memory)."""
-    u_factor, g = token_jacobian_factors(params, m, query_rows(m, positions))  # (H, n, p, d)
-    if scope == "head":
-        per_token = jax.vmap(sigma_min_identity_minus_low_rank, in_axes=(None, 0))
-        return jax.vmap(per_token)(u_factor, jnp.swapaxes(g, -1, -2))
-    if scope != "layer":
+    if scope not in ("layer", "head"):
         raise ValueError(f"unknown margin scope {scope!r}; expected 'layer' or 'head'")
-    num_heads, dim, head_dim = u_factor.shape
-    left = jnp.moveaxis(u_factor, 0, 1).reshape(dim, num_heads * head_dim)
-    right = jnp.moveaxis(g, 0, 1).reshape(-1, num_heads * head_dim, dim)  # (T, Hp, d)
-    right = jnp.swapaxes(right, -1, -2)
-    return jax.vmap(sigma_min_identity_minus_low_rank, in_axes=(None, 0))(left, right)
+    stats = singular_value_stats(params, m, scope, positions=positions)
+    return stats["margin" if scope == "layer" else "head_margin"]
 
 
 def init_attention_params(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stm_jax import files
 from stm_jax.data import corpus
 from stm_jax.data.builders import common
 from stm_jax.data.builders.tiny_shakespeare_char import SPLIT_STYLES, TinyShakespeareChar
@@ -228,7 +229,7 @@ def load_dataset(
     _check_nonempty(texts, source)
 
     unknown = dataset_name(data_cfg) in _DATASETS_WITH_UNKNOWN
-    vocab_path = Path(workdir).expanduser() / VOCAB_FILENAME if workdir is not None else None
+    vocab_path = files.as_path(workdir) / VOCAB_FILENAME if workdir is not None else None
     vocab, vocab_is_new = _vocab_for(texts["train"], vocab_path, unknown)
     splits = {split: _encode_split(vocab, text, split, source) for split, text in texts.items()}
     info = _describe(data_cfg, source, texts, splits, vocab)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -122,7 +121,7 @@ class Vocab:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
         """Reads a file written by `save`; a malformed file is a ValueError naming it."""
-        path = Path(path)
+        path = files.as_path(path)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             if payload.get("format") != _VOCAB_FORMAT:

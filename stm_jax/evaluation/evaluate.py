@@ -43,10 +43,12 @@ from stm_jax.evaluation import (
     MARGINS_FILE,
     REPORT_FILE,
     RESULTS_FILE,
+    output_name,
     plots,
     report,
+    result_tag,
 )
-from stm_jax.model import Record
+from stm_jax.model import Record, add_embedding_noise
 from stm_jax.trainer.restore import load_trained
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.25, 0.5, 1.0)
@@ -58,32 +60,24 @@ QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 # Noise and the scoring pass
 
 
-def add_embedding_noise(x: jax.Array, noise: jax.Array, sigma, relative) -> jax.Array:
-    """``x + sigma * noise``, the noise scaled by each token's embedding RMS when ``relative``.
-
-    ``x`` is the layer-0 latent ``model.embed(tokens)``, (B, T, d); ``noise`` a standard-normal
-    array of its shape. Passing the draw in (rather than a key) lets every sigma and mode share
-    it.
-    """
-    rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True))
-    scale = sigma * jnp.where(relative, rms, jnp.ones_like(rms))
-    return x + scale * noise.astype(x.dtype)
-
-
-def make_score_fn(graphdef) -> Callable:
-    """Jitted ``score(params, inputs, targets, key, sigma, relative) -> (nll_sum, correct)``.
+def make_score_fn(graphdef, noise_layer: int = 0) -> Callable:
+    """Jitted ``score(params, inputs, targets, key, sigma, relative) -> (nll_sum, correct,
+    mean_squares)``: the noise on the residual stream entering block ``noise_layer`` (0: the
+    layer-0 embedding x0), and the sum over tokens of that latent's mean square (its RMS).
 
     sigma and the mode are traced values, so one compilation serves every condition.
     """
 
     def score(params, inputs, targets, key, sigma, relative):
         model = nnx.merge(graphdef, params)
-        x = model.embed(inputs)
+        x = model.residual_stream(model.embed(inputs), noise_layer)
         noise = jax.random.normal(key, x.shape, x.dtype)
-        logits, _ = model.from_embeddings(add_embedding_noise(x, noise, sigma, relative))
+        logits, _ = model.from_embeddings(add_embedding_noise(x, noise, sigma, relative),
+                                          start_layer=noise_layer)
         nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = jnp.argmax(logits, axis=-1) == targets
-        return jnp.sum(nll), jnp.sum(correct)
+        mean_squares = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1)  # per token
+        return jnp.sum(nll), jnp.sum(correct), jnp.sum(mean_squares)
 
     return jax.jit(score)
 
@@ -107,17 +101,20 @@ def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, s
     (mode, sigma), summed over full batches; ``token_bytes``: the UTF-8 bytes of each id."""
     conditions = _conditions(sigmas, modes)
     totals = {condition: np.zeros(2) for condition in conditions}
-    num_batches, num_bytes, base_key = 0, 0, jax.random.PRNGKey(seed)
+    num_batches, num_bytes, base_key, squared = 0, 0, jax.random.PRNGKey(seed), 0.0
     for index, (inputs, targets) in enumerate(data.eval_batches(
             tokens, batch_size=batch_size, context=context, max_batches=max_batches)):
         key = jax.random.fold_in(base_key, index)
         for mode, sigma in conditions:
-            nll, correct = score_fn(params, inputs, targets, key, jnp.float32(sigma),
-                                    jnp.asarray(mode == "relative"))
+            nll, correct, squares = score_fn(params, inputs, targets, key, jnp.float32(sigma),
+                                             jnp.asarray(mode == "relative"))
             totals[mode, sigma] += np.asarray([float(nll), float(correct)])
+        squared += float(squares)
         num_batches += 1
         num_bytes += int(token_bytes[targets].sum())
     num_tokens = num_batches * batch_size * context
+    # The noised latent's RMS over tokens and dimensions: absolute sigma in its units.
+    rms = math.sqrt(squared / num_tokens)
 
     def summary(condition):
         nll, correct = totals[condition]
@@ -125,40 +122,66 @@ def score_split(score_fn, params, tokens, *, batch_size, context, max_batches, s
                 "ce_nats": nll / num_tokens, "accuracy": correct / num_tokens}
 
     clean = summary(("clean", 0.0))
-    robustness = {
-        mode: [{"sigma": float(sigma), **(clean if sigma == 0 else summary((mode, sigma)))}
-               for sigma in sigmas]
-        for mode in modes
-    }
+
+    def noisy_row(mode, sigma):
+        row = {"sigma": float(sigma), **(clean if sigma == 0 else summary((mode, sigma)))}
+        # Ratios depend on the clean values: reports show them next to clean BPC.
+        row.update(accuracy_ratio=row["accuracy"] / clean["accuracy"] if clean["accuracy"]
+                   else math.nan, bpc_ratio=row[bits] / clean[bits])
+        if mode == "absolute":
+            row["sigma_in_rms"] = float(sigma) / rms
+        return row
+
+    robustness = {mode: [noisy_row(mode, sigma) for sigma in sigmas] for mode in modes}
     return {"clean": {**clean, "num_batches": num_batches, "num_tokens": num_tokens,
-                      "num_bytes": num_bytes}, "robustness": robustness}
+                      "num_bytes": num_bytes, "latent_rms": rms},
+            "robustness": robustness}
 
 
 # ---------------------------------------------------------------------------------------------
 # Margins and support tokens
 
 
-def make_margin_fn(graphdef) -> Callable:
-    """Jitted ``stats(params, inputs)``: layer-scope log-dets, signs and margins, (L, B, ...)."""
+def make_margin_fn(graphdef, gain_scale: float = 0.01) -> Callable:
+    """Jitted ``stats(params, inputs, key)``: per layer (L, B, ...), the log-dets, signs and
+    margins of both scopes, the self-map spectrum (``attention.self_map_spectrum``), and the
+    noise gain ||x^l(x0 + delta) - x^l(x0)|| / ||delta|| of each token for a random delta of
+    ``gain_scale`` times its embedding RMS (the layer's output x^l, l = 1..L); with an
+    embedding prior, its blocks' statistics as "prior_*" (B, T - 1)."""
 
-    def stats(params, inputs):
+    def stats(params, inputs, key):
         model = nnx.merge(graphdef, params)
-        _, per_layer = model.from_embeddings(model.embed(inputs),
-                                             record=Record(scope="layer", margins=True))
+        x0 = model.embed(inputs)
+        record = Record(scope="both", margins=True, spectra=True, hidden=True)
+        _, per_layer = model.from_embeddings(x0, record=record)
+        rms = jnp.sqrt(jnp.mean(jnp.square(x0), axis=-1, keepdims=True))
+        delta = gain_scale * rms * jax.random.normal(key, x0.shape, x0.dtype)
+        _, perturbed = model.from_embeddings(x0 + delta, record=Record(hidden=True))
+        change = jnp.linalg.norm(perturbed["hidden"] - per_layer.pop("hidden"), axis=-1)
+        per_layer["noise_gain"] = change / jnp.linalg.norm(delta, axis=-1)[None]
+        if model.prior is not None and inputs.shape[-1] > 1:
+            positions = jnp.arange(1, inputs.shape[-1])  # J_1 = I: t >= 2
+            prior_stats = model.prior(x0, positions=positions, margins=True)
+            per_layer.update({f"prior_{name}": value for name, value in prior_stats.items()
+                              if name != "residual_sq"})
         return per_layer
 
     return jax.jit(stats)
 
 
-def margin_windows(margin_fn, params, tokens, *, context, batch_size, num_batches) -> tuple:
+def margin_windows(margin_fn, params, tokens, *, context, batch_size, num_batches,
+                   seed: int = 0) -> tuple:
     """(inputs (N, T), stats {name: (L, N, ...)}) for the first validation windows."""
     batches = data.eval_batches(tokens, batch_size=batch_size, context=context,
                                 max_batches=num_batches)
     inputs, stats = [], []
-    for batch_inputs, _ in batches:
+    for index, (batch_inputs, _) in enumerate(batches):
         inputs.append(batch_inputs)
-        stats.append(jax.device_get(margin_fn(params, batch_inputs)))
-    joined = {name: np.concatenate([s[name] for s in stats], axis=1) for name in stats[0]}
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        stats.append(jax.device_get(margin_fn(params, batch_inputs, key)))
+    # Layer statistics are (L, B, ...), the prior's (B, ...): join along the batch axis.
+    joined = {name: np.concatenate([s[name] for s in stats], axis=0 if name.startswith(
+        "prior_") else 1) for name in stats[0]}
     return np.concatenate(inputs), joined
 
 
@@ -189,6 +212,13 @@ def layer_margin_statistics(stats: dict, *, tau: float, bottom_k: int, barrier_e
             "support_threshold_fraction": float(below.mean()),
             "bottom_k_mean_margin": float(bottom.mean()),
             "bottom_k_max_margin": float(bottom.max()),
+            "noise_gain": float(np.mean(stats["noise_gain"][layer])),
+            "spectrum": {
+                "spectral_radius_quantiles": _quantiles(stats["spectral_radius"][layer]),
+                "eig_real_max_quantiles": _quantiles(stats["eig_real_max"][layer]),
+                "eig_real_min_quantiles": _quantiles(stats["eig_real_min"][layer]),
+                "fraction_real_above_one": float(np.mean(stats["eig_real_max"][layer] > 1.0)),
+            },
             "heads": [{"head": head, "margin_min": float(head_margin[:, head].min()),
                        "margin_q05": float(np.quantile(head_margin[:, head], 0.05)),
                        "margin_median": float(np.median(head_margin[:, head])),
@@ -196,6 +226,16 @@ def layer_margin_statistics(stats: dict, *, tau: float, bottom_k: int, barrier_e
                       for head in range(head_margin.shape[1])],
         })
     return layers
+
+
+def prior_statistics(stats: dict) -> dict | None:
+    """The embedding prior's blocks on the margin windows (t >= 2), or None without one."""
+    if "prior_logdet" not in stats:
+        return None
+    sign = stats["prior_sign"]
+    return {"logdet_quantiles": _quantiles(stats["prior_logdet"]),
+            "margin_quantiles": _quantiles(stats["prior_margin"]),
+            "infeasible_fraction": float(np.mean(sign <= 0))}
 
 
 def support_window_details(inputs: np.ndarray, stats: dict, vocab: data.Vocab, *, count: int,
@@ -260,6 +300,8 @@ def evaluate_workdir(
     support_windows: int = 3,
     seed: int = 0,
     step: int | None = None,
+    noise_layer: int = 0,
+    output_tag: str = "",
 ) -> dict:
     """Evaluates ``workdir``'s latest checkpoint (or ``step``); writes and returns the results.
 
@@ -274,17 +316,24 @@ def evaluate_workdir(
       tau, bottom_k: the support-token rules (m_t <= tau; the k smallest per window).
       support_windows: how many of those windows the report shows with their support tokens.
       seed: the noise draw; the same seed reproduces every number.
+      noise_layer: put the noise on the residual stream entering block L instead of x0
+        (L = 0); its results go to files named with ``_noise_layerL`` (``output_name``).
+      output_tag: names the result files ``eval_results_TAG.json`` etc. (for example the
+        study's ``step250`` for an earlier checkpoint), leaving the standard ones alone.
     """
-    workdir = Path(workdir).expanduser()
+    workdir = files.as_path(workdir)  # local, or a bucket (gs://)
     model, config, vocab, step = load_trained(workdir, step)
     context, batch_size = config.model.context, config.batch_size
     sigmas, modes = _check_options(sigmas, noise_modes, splits, margin_batches, margin_batch_size,
                                    tau, min(bottom_k, context), support_windows, context)
     bottom_k = min(bottom_k, context)
+    if not 0 <= noise_layer < config.model.num_layers:
+        raise UserError(f"noise_layer={noise_layer} must be between 0 (the embedding) and "
+                        f"{config.model.num_layers - 1}, the last block's input")
     tokens, _, info = data.load_dataset(config.data, workdir)  # reuses vocab.json, writes nothing
     graphdef, params = nnx.split(model)
 
-    score_fn, split_results, skipped = make_score_fn(graphdef), {}, {}
+    score_fn, split_results, skipped = make_score_fn(graphdef, noise_layer), {}, {}
     for split in splits:
         if split not in tokens:
             skipped[split] = (f"the dataset has no {split!r} split (it has "
@@ -303,7 +352,7 @@ def evaluate_workdir(
     margin_inputs, stats = margin_windows(
         make_margin_fn(graphdef), params, tokens["validation"], context=context,
         batch_size=min(margin_batch_size, (len(tokens["validation"]) - 1) // context),
-        num_batches=margin_batches)
+        num_batches=margin_batches, seed=seed)
     margins = {
         "split": "validation", "num_windows": len(margin_inputs),
         "num_tokens": int(margin_inputs.size), "tau": tau, "bottom_k": bottom_k,
@@ -311,19 +360,24 @@ def evaluate_workdir(
                                           barrier_eps=config.objective.barrier_eps),
         "windows": support_window_details(margin_inputs, stats, vocab, count=support_windows,
                                           tau=tau, bottom_k=bottom_k, context=context),
+        "prior": prior_statistics(stats),
     }
     results = {
-        "workdir_name": workdir.resolve().name, "step": step,
+        "workdir_name": (workdir.resolve() if files.is_local(workdir) else workdir).name,
+        "step": step,
         "model": config.model.to_dict(), "objective": _describe_objective(config.objective),
         "data": {key: info.get(key) for key in ("name", "source", "note", "num_unknown")},
         "settings": {"sigmas": sigmas, "noise_modes": modes, "splits": list(splits),
                      "max_batches": max_batches, "batch_size": batch_size, "context": context,
                      "margin_batches": margin_batches, "margin_batch_size": margin_batch_size,
-                     "seed": seed, "bits": bits_key(vocab), "tokenizer": vocab.describe()},
+                     "seed": seed, "bits": bits_key(vocab), "tokenizer": vocab.describe(),
+                     "noise_layer": noise_layer},
         "splits": split_results, "skipped_splits": skipped, "margins": margins,
     }
-    _write_outputs(workdir, results, stats, tau, margin_inputs)
+    _write_outputs(workdir, results, stats, tau, margin_inputs,
+                   result_tag(output_tag, noise_layer))
     return results
+
 
 
 def _describe_objective(objective_cfg) -> str:
@@ -342,10 +396,10 @@ def margins_npz(inputs: np.ndarray, stats: dict) -> bytes:
 
 
 def _write_outputs(workdir: Path, results: dict, stats: dict, tau: float,
-                   margin_inputs: np.ndarray) -> None:
-    files.write_json(workdir / RESULTS_FILE, results)
-    files.write_text(workdir / REPORT_FILE, report.format_report(results))
-    files.write_png(workdir / BPC_PLOT, plots.plot_bpc_vs_sigma(results))
-    files.write_png(workdir / MARGIN_PLOT, plots.plot_margin_hist(
+                   margin_inputs: np.ndarray, tag: str) -> None:
+    files.write_json(workdir / output_name(RESULTS_FILE, tag), results)
+    files.write_text(workdir / output_name(REPORT_FILE, tag), report.format_report(results))
+    files.write_png(workdir / output_name(BPC_PLOT, tag), plots.plot_bpc_vs_sigma(results))
+    files.write_png(workdir / output_name(MARGIN_PLOT, tag), plots.plot_margin_hist(
         stats["margin"], stats["sign"], tau, results["step"]))
-    files.write_bytes(workdir / MARGINS_FILE, margins_npz(margin_inputs, stats))
+    files.write_bytes(workdir / output_name(MARGINS_FILE, tag), margins_npz(margin_inputs, stats))

@@ -28,15 +28,22 @@ def _marker_line(layer: dict, length: int) -> str:
     return "".join(marks).rstrip()
 
 
-def _robustness_table(rows_by_mode: dict, bits: str) -> list[str]:
+def _robustness_table(rows_by_mode: dict, bits: str, clean_bits: float) -> list[str]:
+    """Bits (``bits``: per character or per token) and top-1 per sigma and mode; the ratio to
+    the clean top-1 stands next to the clean bits it depends on (a worse clean model loses
+    less to noise), and absolute sigma is also given in units of the noised latent's RMS."""
     modes = list(rows_by_mode)
     name = "BPC" if bits == "bpc" else "bits/token"
-    header = "| sigma | " + " | ".join(f"{m} {name} | {m} top-1" for m in modes) + " |"
-    lines = [header, "|---" * (1 + 2 * len(modes)) + "|"]
+    header = ("| sigma | " + " | ".join(f"{m} {name} | {m} top-1 | {m} top-1 / clean"
+                                         for m in modes)
+              + f" | clean {name} | absolute sigma / latent RMS |")
+    lines = [header, "|---" * (3 + 3 * len(modes)) + "|"]
     for i, row in enumerate(rows_by_mode[modes[0]]):
-        cells = [f"{rows_by_mode[m][i][bits]:.4f} | {rows_by_mode[m][i]['accuracy']:.3f}"
-                 for m in modes]
-        lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
+        cells = [f"{rows_by_mode[m][i][bits]:.4f} | {rows_by_mode[m][i]['accuracy']:.3f} | "
+                 f"{rows_by_mode[m][i]['accuracy_ratio']:.3f}" for m in modes]
+        in_rms = rows_by_mode.get("absolute", [{}] * (i + 1))[i].get("sigma_in_rms")
+        lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + f" | {clean_bits:.4f} | "
+                     + ("-" if in_rms is None else f"{in_rms:.3g}") + " |")
     return lines
 
 
@@ -64,6 +71,26 @@ def _margin_section(margins: dict) -> list[str]:
         q = layer["barrier_quantiles"]
         lines.append(f"| {layer['layer']} | " + " | ".join(
             f"{q[key]:.4g}" for key in ("q00", "q05", "q50", "q95", "q100")) + " |")
+    lines += ["", "Noise gain ||x^l(x0 + delta) - x^l(x0)|| / ||delta|| (delta: 1% of the "
+              "embedding RMS) and the spectrum of the self-maps M_t = I - J_t, per layer:", "",
+              "| layer | noise gain | spectral radius, median | 95% | largest Re(lambda), "
+              "median | 95% | tokens with Re(lambda) > 1 | smallest Re(lambda), 5% |",
+              "|---" * 8 + "|"]
+    for layer in margins["layers"]:
+        spectrum = layer["spectrum"]
+        radius, high = spectrum["spectral_radius_quantiles"], spectrum["eig_real_max_quantiles"]
+        low = spectrum["eig_real_min_quantiles"]
+        lines.append(f"| {layer['layer']} | {layer['noise_gain']:.3f} | {radius['q50']:.3f} | "
+                     f"{radius['q95']:.3f} | {high['q50']:.3f} | {high['q95']:.3f} | "
+                     f"{spectrum['fraction_real_above_one']:.1%} | {low['q05']:.3f} |")
+    if margins.get("prior"):
+        prior = margins["prior"]
+        lines += ["", "The embedding prior's blocks J_t = I - Sigma_t A^T (t >= 2): log|det| "
+                  f"median {prior['logdet_quantiles']['q50']:.4g} (5%: "
+                  f"{prior['logdet_quantiles']['q05']:.4g}), margin median "
+                  f"{prior['margin_quantiles']['q50']:.4g} (min "
+                  f"{prior['margin_quantiles']['q00']:.4g}), infeasible "
+                  f"{prior['infeasible_fraction']:.2%}."]
     lines += ["", "Per head (sigma_min of I - W_O^h G_t^h, the head acting alone):", "",
               "| layer | head | min | 5% | median | m_t <= tau |", "|---|---|---|---|---|---|"]
     for layer in margins["layers"]:
@@ -137,10 +164,14 @@ def format_report(results: dict) -> str:
         lines.append(f"| {split} | not evaluated: {reason} | | | | |")
     lines.append("")
     for split, split_results in results["splits"].items():
-        lines += [f"## Robustness to embedding noise ({split})", "",
-                  "Gaussian noise of scale sigma on the token + position embedding; relative: "
-                  "times each token's embedding RMS.", ""]
-        lines += _robustness_table(split_results["robustness"], bits) + [""]
+        layer = settings["noise_layer"]
+        where = ("the token + position embedding x0" if not layer else
+                 f"the residual stream entering block {layer}")
+        clean = split_results["clean"]
+        lines += [f"## Robustness to noise ({split})", "",
+                  f"Gaussian noise of scale sigma on {where} (RMS {clean['latent_rms']:.4g} on "
+                  f"this split); relative: times each token's RMS.", ""]
+        lines += _robustness_table(split_results["robustness"], bits, clean[bits]) + [""]
     lines += _margin_section(results["margins"])
     lines += _windows_section(results["margins"])
     lines += ["", f"Plots: `{BPC_PLOT}`, `{MARGIN_PLOT}`. All numbers: `{RESULTS_FILE}`.", ""]

@@ -73,7 +73,7 @@ def decode(model: GPT, cache: dict, token: jax.Array, position) -> tuple[jax.Arr
     x = model.token_embed(token) + model.position_embed[position]  # (d,)
     keys, values = [], []
     for block, k, v in zip(model.blocks, cache["k"], cache["v"], strict=True):
-        u = block.ln_attn(x).astype(dtype)
+        u = (block.ln_attn(x) if block.norm_input else x).astype(dtype)
         out, k, v = attention.decode_attention(block.attention_params(dtype), u, k, v,
                                                position)
         keys.append(k)

@@ -118,3 +118,66 @@ def margin_geometry(ce_q05: dict | None, barrier_q05: dict | None,
             "measured": spread["difference"], "paper": None,
             "infeasible_difference": barrier_infeasible["mean"] - ce_infeasible["mean"],
             **spread}
+
+
+# ---------------------------------------------------------------------------------------------
+# The readings study: does a reading recover the robustness claim?
+
+READING_VERDICTS = ("recovers", "partly", "does not recover", "screened (one seed)")
+READING_CRITERION = (
+    f"recovers: a top-1 gain over CE-only of at least {GAIN_REPRODUCED_POINTS:g} points beyond "
+    f"{NOISE_Z:g} standard errors at sigma = {SIGMA:g}, a clean cost of at most "
+    f"{CLEAN_COST_REPRODUCED:.1%}, and a gain over its control of the same size (the control "
+    "does not explain it); partly: a gain over CE-only beyond seed noise, short of that; does "
+    "not recover: no gain beyond seed noise; screened: fewer than two seeds of the run, CE-only "
+    "or the control")
+
+
+def reading_verdict(ce_bpc: dict | None, reading_bpc: dict | None, ce_accuracy: dict | None,
+                    reading_accuracy: dict | None, control_accuracy: dict | None,
+                    control_is_ce: bool) -> dict:
+    """The verdict on one reading's run under one noise mode (``READING_CRITERION``).
+
+    Accuracies are top-1 at sigma = ``SIGMA``; the control is the run that does what the
+    reading does besides its barrier (CE-only itself for most).
+    """
+    if not _usable(ce_bpc, reading_bpc, ce_accuracy, reading_accuracy, control_accuracy):
+        return {"verdict": "not run", "criterion": READING_CRITERION}
+    cost = (reading_bpc["mean"] - ce_bpc["mean"]) / ce_bpc["mean"]
+    gain = difference(ce_accuracy, reading_accuracy)
+    over_control = difference(control_accuracy, reading_accuracy)
+    points, control_points = 100 * gain["difference"], 100 * over_control["difference"]
+    result = {"criterion": READING_CRITERION, "clean_cost": cost, "gain_points": points,
+              "gain_se_points": None if gain["standard_error"] is None
+              else 100 * gain["standard_error"], "gain_beyond_noise": gain["within_seed_noise"]
+              is False, "gain_over_control_points": control_points,
+              "control_se_points": None if over_control["standard_error"] is None
+              else 100 * over_control["standard_error"]}
+    if gain["within_seed_noise"] is None or over_control["within_seed_noise"] is None:
+        return {**result, "verdict": "screened (one seed)"}
+    large = points >= GAIN_REPRODUCED_POINTS and result["gain_beyond_noise"]
+    beats_control = control_is_ce or (control_points >= GAIN_REPRODUCED_POINTS
+                                      and over_control["within_seed_noise"] is False)
+    if large and beats_control and cost <= CLEAN_COST_REPRODUCED:
+        return {**result, "verdict": "recovers"}
+    if result["gain_beyond_noise"] and points > 0:
+        return {**result, "verdict": "partly"}
+    return {**result, "verdict": "does not recover"}
+
+
+def quality_matched_gain(curve: list[tuple[float, float]], bpc: float | None,
+                         accuracy: float | None) -> float | None:
+    """Top-1 points above the CE-only quality curve at the same clean BPC: ``curve`` is
+    (clean BPC, top-1 under noise) of CE checkpoints; interpolated linearly in BPC, None
+    outside the curve's range (no extrapolation)."""
+    if bpc is None or accuracy is None or len(curve) < 2:
+        return None
+    points = sorted(curve)
+    bpcs = [point[0] for point in points]
+    if not bpcs[0] <= bpc <= bpcs[-1]:
+        return None
+    for (low_bpc, low_acc), (high_bpc, high_acc) in zip(points, points[1:], strict=False):
+        if low_bpc <= bpc <= high_bpc:
+            share = 0.0 if high_bpc == low_bpc else (bpc - low_bpc) / (high_bpc - low_bpc)
+            return 100 * (accuracy - (low_acc + share * (high_acc - low_acc)))
+    return None

@@ -29,6 +29,12 @@ class Run:
     objective: str
     overrides: tuple[tuple[str, Any], ...] = ()
     in_lambda_sweep: bool = False  # a point of the lambda_m sweep (its lambda is an override)
+    # The readings study (README, "Reproducing the paper"): the reading a run tests, and the
+    # run that controls for what the reading does besides its barrier (plain CE if empty).
+    reading: str = ""
+    control: str = ""
+    # > 0: every checkpoint_every-th step is kept and evaluated too (the CE quality curve).
+    curve: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,64 @@ PAPER_RUNS = (
 )
 CE_RUN, BARRIER_RUN = "ce", f"margin_{PAPER_LAMBDA_M:g}"
 
+
+def _prior_runs() -> tuple[Run, ...]:
+    """The embedding prior's grid (the port's reading): penalty x width x lambda x init."""
+    runs = []
+    for penalty, short in (("abs_log_capped", "abslog"), ("log_barrier", "logbar")):
+        for dim in (8, 0):
+            for lam in (0.02, 0.05):
+                for init in (0.02, 1.0):
+                    runs.append(Run(
+                        f"prior_{short}_{'p8' if dim else 'full'}_l{lam:g}_init{init:g}",
+                        "margin", (("objective.barrier_target", "embedding_prior"),
+                                   ("objective.prior_dim", dim), ("objective.penalty", penalty),
+                                   ("objective.lambda_m", lam),
+                                   ("model.embed_init_std", init)),
+                        reading="embedding_prior",
+                        control=CE_RUN if init == 0.02 else f"ce_init{init:g}"))
+    return tuple(runs)
+
+
+NOISE = (("objective.train_noise_sigma", 0.5), ("objective.train_noise_mode", "relative"))
+SINGULAR_VALUE_ESTIMATOR = (("objective.barrier_fraction", 1 / 32),
+                            ("objective.barrier_sampling", "per_sequence"))
+FIXED_SIGMA = 1.0  # the MAP prior's fixed noise scale: the RMS of a LayerNorm's output
+READING_RUNS = (
+    # CE keeps every quarter-thousand-step checkpoint: robustness against clean BPC.
+    Run("ce", "ce", (("keep_checkpoints", 8),), curve=True),
+    _margin("margin_0.02", reading="attention_log_barrier"),
+    _margin("margin_0.02_embedding", (("objective.layers", "embedding"),),
+            reading="attention_log_barrier"),
+    _margin("margin_0.02_raw_embedding", (("objective.layers", "embedding"),
+                                          ("model.first_layer_norm", False)),
+            reading="raw_embedding_barrier"),
+    # 1. Latent noise, and its fair control: CE trained with the same noise.
+    Run("ce_noise", "ce", NOISE),
+    _margin("margin_0.02_noise", NOISE, reading="latent_noise", control="ce_noise"),
+    # 2. The embedding prior, and CE at other embedding scales (the RMS-matched controls).
+    *(Run(f"ce_init{init:g}", "ce", (("model.embed_init_std", init),))
+      for init in (0.1, 0.3, 1.0)),
+    *_prior_runs(),
+    # 3. MAP with a fixed noise scale, against the same prior term without the barrier.
+    *(run for lambda_s in (0.001, 0.01) for run in (
+        Run(f"map_fixed_s{lambda_s:g}", "map", (
+            ("objective.lambda_s", lambda_s), ("objective.fixed_noise_scale", FIXED_SIGMA)),
+            reading="fixed_noise_map", control=f"prior_only_s{lambda_s:g}"),
+        Run(f"prior_only_s{lambda_s:g}", "map", (
+            ("objective.lambda_m", 0.0), ("objective.lambda_s", lambda_s),
+            ("objective.fixed_noise_scale", FIXED_SIGMA))))),
+    # 4. Bounded penalties on the model's own attention (per head). Their singular values
+    # cost an eigendecomposition per block: 2 positions per sequence, drawn per sequence.
+    *(Run(f"margin_hinge_l{lam:g}", "margin", (
+        ("objective.penalty", "margin_hinge"), ("objective.margin_tau", 0.9),
+        ("objective.lambda_m", lam), *SINGULAR_VALUE_ESTIMATOR), reading="margin_hinge")
+      for lam in (1.0, 10.0, 100.0)),
+    *(Run(f"small_gain_l{lam:g}", "margin", (
+        ("objective.penalty", "small_gain"), ("objective.lambda_m", lam),
+        *SINGULAR_VALUE_ESTIMATOR), reading="small_gain") for lam in (0.002, 0.02, 0.2)),
+)
+
 TINY_SHAKESPEARE = DataSource(
     description="Tiny Shakespeare (karpathy/char-rnn input.txt), nanoGPT's split: first 90% "
                 "train, last 10% validation",
@@ -116,6 +180,19 @@ EXPERIMENTS = {experiment.name: experiment for experiment in (
         description="the same runs at the same scale on WikiText-2 (raw, character level)",
         config="configs/wikitext2_char.py", size="cpu", data=WIKITEXT2_PROXY, runs=PAPER_RUNS,
         defaults=CPU_DEFAULTS, eval_args=("--max_batches=150",)),
+    Experiment(
+        name="readings_shakespeare",
+        description="which reading of the paper, if any, recovers its robustness claim: each "
+                    "reading against plain CE and its control, at nanoGPT's CPU recipe on Tiny "
+                    "Shakespeare",
+        config="configs/shakespeare_char.py", size="cpu", data=TINY_SHAKESPEARE,
+        runs=READING_RUNS, defaults=CPU_DEFAULTS),
+    Experiment(
+        name="readings_wikitext2",
+        description="the readings study's best reading and its control on WikiText-2 (raw, "
+                    "character level)",
+        config="configs/wikitext2_char.py", size="cpu", data=WIKITEXT2_PROXY,
+        runs=READING_RUNS, defaults=CPU_DEFAULTS, eval_args=("--max_batches=150",)),
     Experiment(
         name="shakespeare_full",
         description="nanoGPT's GPU recipe (6 layers, d = 384, context 256, 5000 steps) on "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from stm_jax import files
 from stm_jax.evaluation import RESULTS_FILE
-from stm_jax.study.plan import RunPlan, run_state, shell_line
+from stm_jax.study.plan import RunPlan, evaluated_step, missing_curve, run_state, shell_line
 from stm_jax.trainer.metrics import format_duration
 
 TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
@@ -115,12 +115,17 @@ def process(plan: RunPlan, children: _Children, env: dict[str, str]) -> Outcome:
         if run_state(plan) != "trained":
             return failed(f"train.py stopped before step {plan.num_steps} (interrupted); "
                           "rerun the same command to resume", TRAIN_LOG)
-    code = children.run(plan.eval_command, plan.workdir / EVAL_LOG, env)
-    if code is None:
-        return failed("not evaluated: interrupted", EVAL_LOG)
-    if code or run_state(plan) != "evaluated":
-        return failed(f"evaluate.py exited with code {code} without results for step "
-                      f"{plan.num_steps}", EVAL_LOG)
+    commands = [] if evaluated_step(plan) == plan.num_steps else [plan.eval_command]
+    commands += [command for _, command in missing_curve(plan)]
+    for command in commands:
+        code = children.run(command, plan.workdir / EVAL_LOG, env)
+        if code is None:
+            return failed("not evaluated: interrupted", EVAL_LOG)
+        if code:
+            return failed(f"evaluate.py exited with code {code} ({shell_line(command)})",
+                          EVAL_LOG)
+    if run_state(plan) != "evaluated":
+        return failed(f"evaluate.py wrote no results for step {plan.num_steps}", EVAL_LOG)
     done = "trained and evaluated" if state == "pending" else "evaluated (already trained)"
     return Outcome(plan, "trained" if state == "pending" else "evaluated",
                    time.perf_counter() - start, f"{done}: {_validation_bpc(plan)}")

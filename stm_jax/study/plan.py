@@ -18,14 +18,14 @@ import ml_collections
 
 from stm_jax import files
 from stm_jax.errors import UserError
-from stm_jax.evaluation import RESULTS_FILE
+from stm_jax.evaluation import RESULTS_FILE, output_name
 from stm_jax.study.experiments import Experiment, Run
 from stm_jax.trainer.workdir import CONFIG_FILE, SUMMARY_FILE, upgrade_config
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 # Keys a resumed or reused workdir may differ in: data paths (the same file by another path),
 # what the data fills in, and bookkeeping that does not change the trained model.
-UNCHECKED_KEYS = ("data.", "model.vocab_size", "progress", "log_every", "eval_every",
+UNCHECKED_KEYS = ("data.", "mesh.", "model.vocab_size", "progress", "log_every", "eval_every",
                   "eval_batches", "checkpoint_every", "keep_checkpoints", "distributed",
                   "peak_flops")
 
@@ -42,6 +42,9 @@ class RunPlan:
     num_steps: int
     settings: dict[str, Any]  # the typed --config overrides, seed included
     config: dict[str, Any]  # the whole config they give, flattened ("model.d_model": 128)
+    # A curve run's earlier checkpoints: (step, evaluation command), each writing
+    # eval_results_step<N>.json (``curve_file``).
+    curve: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     @property
     def label(self) -> str:
@@ -149,11 +152,28 @@ def plan_runs(experiment: Experiment, runs: tuple[Run, ...], seeds: int,
             train = (script("train.py"), f"--config={config_path}:{variants(experiment, run)}",
                      f"--workdir={workdir}",
                      *(f"--config.{key}={format_value(value)}" for key, value in seeded.items()))
-            plans.append(RunPlan(run, seed, workdir, train,
-                                 (script("evaluate.py"), f"--workdir={workdir}",
-                                  *experiment.eval_args), num_steps,
-                                 seeded, files.flatten(resolved.to_dict())))
+            evaluate = (script("evaluate.py"), f"--workdir={workdir}", *experiment.eval_args)
+            curve = tuple((step, (*evaluate, f"--step={step}", f"--output_tag=step{step}",
+                                  *CURVE_EVAL_ARGS))
+                          for step in curve_steps(run, resolved))
+            plans.append(RunPlan(run, seed, workdir, train, evaluate, num_steps, seeded,
+                                 files.flatten(resolved.to_dict()), curve))
     return plans
+
+
+# The quality curve needs clean BPC and top-1 under the verdicts' noise only.
+CURVE_EVAL_ARGS = ("--sigmas=0,0.5", "--margin_batches=1", "--support_windows=0")
+
+
+def curve_steps(run: Run, config) -> list[int]:
+    """The checkpoints a curve run evaluates besides its last: every checkpoint_every-th."""
+    if not run.curve:
+        return []
+    return list(range(config.checkpoint_every, config.num_steps, config.checkpoint_every))
+
+
+def curve_file(step: int) -> str:
+    return output_name(RESULTS_FILE, f"step{step}")
 
 
 def shell_line(command: tuple[str, ...]) -> str:
@@ -162,13 +182,24 @@ def shell_line(command: tuple[str, ...]) -> str:
 
 def run_state(plan: RunPlan) -> str:
     """"evaluated" (nothing to do), "trained" (evaluate only) or "pending" (train, evaluate)."""
-    results = files.read_json_or_none(plan.workdir / RESULTS_FILE) or {}
-    if results.get("step") == plan.num_steps:
+    if evaluated_step(plan) == plan.num_steps and not missing_curve(plan):
         return "evaluated"
     summary = files.read_json_or_none(plan.workdir / SUMMARY_FILE) or {}
     if summary.get("status") == "finished" and summary.get("step") == plan.num_steps:
         return "trained"
     return "pending"
+
+
+def evaluated_step(plan: RunPlan) -> int | None:
+    """The step of the run's standard evaluation on disk, if any."""
+    return (files.read_json_or_none(plan.workdir / RESULTS_FILE) or {}).get("step")
+
+
+def missing_curve(plan: RunPlan) -> list[tuple[int, tuple[str, ...]]]:
+    """The curve evaluations whose results are not on disk yet."""
+    return [(step, command) for step, command in plan.curve
+            if (files.read_json_or_none(plan.workdir / curve_file(step)) or {}).get("step")
+            != step]
 
 
 def check_workdir_settings(plan: RunPlan) -> None:

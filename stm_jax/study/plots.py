@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from stm_jax import files
@@ -22,6 +23,7 @@ from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
 
 BPC_PLOT, SWEEP_PLOT = "bpc_vs_sigma.png", "lambda_sweep.png"
 MARGIN_PLOT, SUPPORT_PLOT = "margin_hist.png", "support_tokens.png"
+QUALITY_PLOT = "robustness_vs_clean.png"
 GRID_COLUMNS = 64
 _VISIBLE = {"\n": "\u21b5", "\t": "\u2192", " ": "\u00b7"}
 
@@ -162,6 +164,41 @@ def plot_support_tokens(experiment_dir: Path, summary: dict) -> Figure | None:
     return figure
 
 
+def plot_quality_curve(summary: dict) -> Figure | None:
+    """Top-1 under noise against clean BPC: CE-only's checkpoints as a curve, every variant as
+    a point (mean over seeds). A point on the curve bought nothing but a worse clean BPC."""
+    curve = summary.get("ce_curve") or []
+    if len(curve) < 2:
+        return None
+    sigma = f"{claims.SIGMA:g}"
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    readings = {run.get("reading", "") for run in summary.get("readings", [])}
+    colours = {reading: f"C{index + 1}" for index, reading in enumerate(sorted(readings))}
+    reading_of = {row["run"]: row["reading"] for row in summary.get("readings", [])}
+    for axes, mode in zip(figure.subplots(1, 2), ("absolute", "relative"), strict=True):
+        key = f"accuracy_{mode}_{sigma}"
+        axes.plot([p["val_bpc"] for p in curve], [100 * p[key] for p in curve], "k-o",
+                  markersize=3, label="CE-only checkpoints (quality curve)")
+        for point in curve:
+            axes.annotate(str(point["step"]), (point["val_bpc"], 100 * point[key]), fontsize=6)
+        for name, variant in summary["variants"].items():
+            clean, noisy = variant["metrics"].get("val_bpc"), variant["metrics"].get(key)
+            if not clean or not noisy or clean["mean"] is None or noisy["mean"] is None:
+                continue
+            reading = reading_of.get(name, "")
+            axes.plot(clean["mean"], 100 * noisy["mean"], "o", color=colours.get(reading, "C0"),
+                      markersize=5)
+            axes.annotate(name, (clean["mean"], 100 * noisy["mean"]), fontsize=5)
+        axes.set(xlabel="clean validation BPC", ylabel=f"top-1 (%) at sigma = {sigma}",
+                 title=f"{mode} noise")
+        axes.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="", label=reading)
+               for reading, colour in colours.items()]
+    figure.axes[0].legend(handles=[figure.axes[0].lines[0], *handles], fontsize=7)
+    figure.suptitle(f"{summary['experiment']}: robustness against clean quality")
+    return figure
+
+
 def write_plots(experiment: Experiment, experiment_dir: Path, summary: dict) -> list[str]:
     """Saves every figure whose runs exist; returns the file names written."""
     figures = {
@@ -169,6 +206,7 @@ def write_plots(experiment: Experiment, experiment_dir: Path, summary: dict) -> 
         SWEEP_PLOT: plot_lambda_sweep(summary, experiment),
         MARGIN_PLOT: plot_margin_hist(experiment_dir, summary),
         SUPPORT_PLOT: plot_support_tokens(experiment_dir, summary),
+        QUALITY_PLOT: plot_quality_curve(summary),
     }
     written = []
     for name, figure in figures.items():

@@ -187,6 +187,74 @@ def margin_section(summary: dict, tables: _Tables) -> list[str]:
     return lines
 
 
+def _signed(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:+.{digits}f}{suffix}"
+
+
+def readings_section(summary: dict, tables: _Tables) -> list[str]:
+    """The readings study's verdicts: one row per reading run and noise mode."""
+    if "readings" not in summary:
+        return []
+    sigma = f"{claims.SIGMA:g}"
+    lines = ["## Readings: which, if any, recovers the robustness claim", "",
+             f"Criterion: {summary['reading_criterion']}.", "",
+             f"| reading | run | n | clean BPC | cost vs CE | noise | top-1 vs CE (points "
+             f"\u00b1 SE) | vs its control | vs the CE quality curve | sigma = {sigma} in "
+             "latent RMS | verdict |", "|---" * 11 + "|"]
+    for row in summary["readings"]:
+        if row["verdict"] == "not run":
+            continue
+        gain = _signed(row["gain_points"])
+        if row.get("gain_se_points") is not None:
+            gain += f" \u00b1 {row['gain_se_points']:.1f}"
+        control = ("-" if row["control"] == CE_RUN else
+                   f"{_signed(row['gain_over_control_points'])} ({row['control']})")
+        in_rms = _stat(summary, row["run"], f"sigma_in_rms_{sigma}")
+        lines.append(
+            f"| {row['reading']} | {row['run']} | {row['n']} | "
+            f"{mean_std(_stat(summary, row['run'], 'val_bpc'))} | "
+            f"{_signed(100 * row['clean_cost'], 1, '%')} | {row['mode']} | {gain} | {control} | "
+            f"{_signed(row['quality_matched_gain_points'])} | "
+            f"{'-' if row['mode'] != 'absolute' else mean_std(in_rms, 2)} | "
+            f"**{row['verdict']}** |")
+    lines += ["", tables.caption(
+        f"Each reading against CE-only and its control, top-1 accuracy at sigma = {sigma} "
+        "(absolute: on the embedding as it is; relative: times each token's RMS). The CE "
+        "quality curve interpolates CE-only's checkpoints at the run's clean BPC (- outside "
+        "its range): a run on the curve bought nothing but a worse clean BPC."), ""]
+    return lines
+
+
+def mechanism_section(summary: dict, tables: _Tables) -> list[str]:
+    """Per-layer noise gain and self-map spectra, and the embedding's scale, per variant."""
+    if "readings" not in summary or not summary["runs"]:
+        return []
+    layers = sorted({int(key.removeprefix("noise_gain_layer")) for run in summary["runs"]
+                     for key in run["metrics"] if key.startswith("noise_gain_layer")})
+    if not layers:
+        return []
+    lines = ["## Mechanism: noise gain, self-map spectra, embedding scale", "",
+             "| variant | n | latent RMS | " + " | ".join(f"gain L{i}" for i in layers) + " | "
+             + " | ".join(f"radius L{i}" for i in layers) + " | Re(lambda) > 1, worst layer |",
+             "|---" * (4 + 2 * len(layers)) + "|"]
+    for name, variant in summary["variants"].items():
+        above = [_mean(summary, name, f"eig_real_above_one_layer{i}") for i in layers]
+        above = [value for value in above if value is not None]
+        lines.append(
+            f"| {name} | {variant['n']} | {mean_std(_stat(summary, name, 'latent_rms'), 3)} | "
+            + " | ".join(mean_std(_stat(summary, name, f"noise_gain_layer{i}"), 2)
+                         for i in layers) + " | "
+            + " | ".join(mean_std(_stat(summary, name, f"spectral_radius_median_layer{i}"), 2)
+                         for i in layers)
+            + f" | {'-' if not above else f'{100 * max(above):.1f}%'} |")
+    lines += ["", tables.caption(
+        "Latent RMS: the validation embedding's RMS. Noise gain: ||x^l(x0 + delta) - x^l(x0)|| "
+        "/ ||delta|| after layer l for delta of 1% of each token's RMS. Radius: median "
+        "spectral radius of the self-maps M_t = I - J_t. Last column: tokens with an "
+        "eigenvalue of M_t of real part above 1, in the worst layer."), ""]
+    return lines
+
+
 def cost_section(summary: dict, tables: _Tables) -> list[str]:
     lines = ["## Training cost and every run", "", "| run | seed | step | validation BPC | "
              f"top-1 at sigma = {claims.SIGMA:g} | wall time | tokens/s |",
@@ -248,8 +316,8 @@ def format_report(summary: dict, plots: list[str], notes: str | None) -> str:
     if summary["data"]["caption_note"]:
         lines += [f"**Data: {summary['data']['caption_note']}.**", ""]
     lines += setup_section(summary)
-    for section in (verdict_section, clean_section, robustness_section, sweep_section,
-                    margin_section, cost_section):
+    for section in (verdict_section, readings_section, clean_section, robustness_section,
+                    sweep_section, margin_section, mechanism_section, cost_section):
         lines += section(summary, tables)
     if plots:
         lines += ["## Plots", "", *(f"![{name}]({name})" for name in plots), ""]

@@ -107,6 +107,7 @@ def describe_plans(experiment: Experiment, plans: list[RunPlan], todo: list[RunP
     for plan in plans:
         lines += [f"{plan.label} [{run_state(plan)}]", f"  {shell_line(plan.train_command)}",
                   f"  {shell_line(plan.eval_command)}"]
+        lines += [f"  {shell_line(command)}" for _, command in plan.curve]
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ from stm_jax.trainer.workdir import CONFIG_FILE, SUMMARY_FILE, upgrade_config
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
 OBJECTIVE_KEYS = ("variant", "lambda_m", "lambda_s", "layers", "scope", "barrier_fraction",
-                  "barrier_step_fraction", "barrier_floor")
+                  "barrier_step_fraction", "barrier_floor", "barrier_target", "prior_dim",
+                  "penalty", "train_noise_sigma", "fixed_noise_scale")
 MODEL_KEYS = ("num_layers", "num_heads", "d_model", "context")
 
 
@@ -60,7 +61,50 @@ def headline_metrics(results: dict, train_summary: dict) -> dict[str, float | No
         results["margins"]["num_tokens"] * len(layers))
     metrics["train_wall_s"] = _number(train_summary.get("wall_s"))
     metrics["tokens_per_s"] = _number(train_summary.get("tokens_per_s"))
+    metrics.update(mechanism_metrics(results))
     return metrics
+
+
+def mechanism_metrics(results: dict) -> dict[str, float | None]:
+    """What evaluations since the readings study report (older results have none of these):
+    the noised latent's RMS, absolute sigma in its units, per-layer noise gain and self-map
+    spectra, the embedding prior's blocks."""
+    metrics = {}
+    clean = results["splits"]["validation"]["clean"]
+    metrics["latent_rms"] = _number(clean.get("latent_rms"))
+    for row in results["splits"]["validation"]["robustness"].get("absolute", []):
+        if "sigma_in_rms" in row:
+            metrics[f"sigma_in_rms_{row['sigma']:g}"] = _number(row["sigma_in_rms"])
+    for layer in results["margins"]["layers"]:
+        index, spectrum = layer["layer"], layer.get("spectrum")
+        metrics[f"noise_gain_layer{index}"] = _number(layer.get("noise_gain"))
+        if spectrum:
+            metrics[f"spectral_radius_median_layer{index}"] = _number(
+                spectrum["spectral_radius_quantiles"]["q50"])
+            metrics[f"eig_real_above_one_layer{index}"] = _number(
+                spectrum["fraction_real_above_one"])
+    prior = results["margins"].get("prior")
+    if prior:
+        metrics["prior_logdet_median"] = _number(prior["logdet_quantiles"]["q50"])
+        metrics["prior_margin_min"] = _number(prior["margin_quantiles"]["q00"])
+        metrics["prior_infeasible_fraction"] = _number(prior["infeasible_fraction"])
+    return metrics
+
+
+def curve_points(folder: Path) -> list[dict]:
+    """A curve run's earlier checkpoints (eval_results_step<N>.json), in step order."""
+    points = []
+    for path in folder.glob("eval_results_step*.json"):
+        results = files.read_json_or_none(path)
+        if results is None:
+            continue
+        validation = results["splits"]["validation"]
+        point = {"step": results["step"], "val_bpc": _number(validation["clean"]["bpc"])}
+        for mode, rows in validation["robustness"].items():
+            for row in rows:
+                point[f"accuracy_{mode}_{row['sigma']:g}"] = _number(row["accuracy"])
+        points.append(point)
+    return sorted(points, key=lambda point: point["step"])
 
 
 def aggregate(values: list[float | None]) -> dict:
@@ -95,7 +139,8 @@ def collect_runs(experiment: Experiment, experiment_dir: Path) -> list[dict]:
                           "settings": _settings(config),
                           "margin_settings": {key: results["margins"][key] for key in
                                               ("tau", "bottom_k", "num_windows", "num_tokens")},
-                          "metrics": headline_metrics(results, summary)})
+                          "metrics": headline_metrics(results, summary),
+                          **({"curve": curve_points(folder)} if run.curve else {})})
     return found
 
 
@@ -141,6 +186,53 @@ def evaluate_claims(experiment: Experiment, variants: dict[str, dict]) -> list[d
     ]
 
 
+READING_MODES = ("absolute", "relative")
+
+
+def ce_curve(runs: list[dict]) -> list[dict]:
+    """CE-only's quality curve: every curve point of its seeds and its final evaluation,
+    averaged over seeds at each step."""
+    by_step: dict[int, list[dict]] = {}
+    for run in runs:
+        if run["run"] != CE_RUN or "curve" not in run:
+            continue
+        final = {"step": run["step"], **run["metrics"]}
+        for point in [*run["curve"], final]:
+            by_step.setdefault(point["step"], []).append(point)
+    keys = ["val_bpc"] + [f"accuracy_{mode}_{claims.SIGMA:g}" for mode in READING_MODES]
+    return [{"step": step, "n": len(points),
+             **{key: statistics.fmean(p[key] for p in points) for key in keys}}
+            for step, points in sorted(by_step.items())]
+
+
+def evaluate_readings(experiment: Experiment, variants: dict[str, dict],
+                      curve: list[dict]) -> list[dict]:
+    """One verdict per reading run and noise mode (``claims.reading_verdict``), with its clean
+    cost, its gains over CE-only and its control, and its gain over the CE quality curve."""
+    def stat(run: str, metric: str) -> dict | None:
+        return variants.get(run, {}).get("metrics", {}).get(metric)
+
+    verdicts = []
+    for run in experiment.runs:
+        if not run.reading or run.name not in variants:
+            continue
+        control = run.control or CE_RUN
+        for mode in READING_MODES:
+            noisy = f"accuracy_{mode}_{claims.SIGMA:g}"
+            verdict = claims.reading_verdict(
+                stat(CE_RUN, "val_bpc"), stat(run.name, "val_bpc"), stat(CE_RUN, noisy),
+                stat(run.name, noisy), stat(control, noisy), control == CE_RUN)
+            reading = stat(run.name, noisy) or {}
+            clean = stat(run.name, "val_bpc") or {}
+            matched = claims.quality_matched_gain(
+                [(point["val_bpc"], point[noisy]) for point in curve], clean.get("mean"),
+                reading.get("mean"))
+            verdicts.append({"reading": run.reading, "run": run.name, "control": control,
+                             "mode": mode, "n": variants[run.name]["n"],
+                             "quality_matched_gain_points": matched, **verdict})
+    return verdicts
+
+
 def build_summary(experiment: Experiment, experiment_dir: Path, invocations: list[dict]) -> dict:
     runs = collect_runs(experiment, experiment_dir)
     variants = aggregate_variants(runs)
@@ -153,4 +245,14 @@ def build_summary(experiment: Experiment, experiment_dir: Path, invocations: lis
         "runs": runs, "variants": variants, "inconsistent_settings": inconsistent_settings(runs),
         "lambda_sweep": [run.name for run in experiment.runs if run.in_lambda_sweep],
         "paper": claims.PAPER, "claims": evaluate_claims(experiment, variants),
+        **readings_summary(experiment, variants, runs),
     }
+
+
+def readings_summary(experiment: Experiment, variants: dict, runs: list[dict]) -> dict:
+    """The readings study's part: the CE quality curve and the verdicts (none elsewhere)."""
+    if not any(run.reading for run in experiment.runs):
+        return {}
+    curve = ce_curve(runs)
+    return {"ce_curve": curve, "readings": evaluate_readings(experiment, variants, curve),
+            "reading_criterion": claims.READING_CRITERION}

@@ -19,19 +19,25 @@ Orbax behaviour this module relies on (orbax-checkpoint 0.12):
   donated), and writes files on a background thread. Orbax lists the step as soon as the save
   starts, hence :meth:`Checkpointer.latest_step` waits for the write to finish first. A process
   that exits without waiting loses that save, so use the class as a context manager.
+* Sharded arrays are saved as they lie: with several processes each writes the shards its
+  devices hold and process 0 the metadata, every process calling ``save`` and ``restore``
+  alike. A restore places the arrays as the shardings of its abstract state ask, on any mesh
+  or number of devices, whatever mesh saved them.
+* The directory is an ``etils.epath`` path: local, or a bucket (``gs://``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from stm_jax import files
 from stm_jax.errors import UserError
@@ -55,21 +61,22 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         *,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = files.as_path(directory)
+        if files.is_local(self.directory):
+            self.directory = self.directory.absolute()
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Orbax's default policy would also save whatever step comes first into an empty
-            # directory; a run should write exactly the steps it was configured to.
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_interval_steps),
-                policies.PreemptionCheckpointingPolicy(),  # jax.distributed preemption notices
-            ]),
+            # directory; a run should write exactly the steps it was configured to. A
+            # preempted run's step is saved with force=True once every process has agreed
+            # on it (trainer/multihost.py), not by Orbax's preemption policy.
+            save_decision_policy=policies.FixedIntervalPolicy(save_interval_steps),
             preservation_policy=policies.LatestN(max_to_keep),
             enable_async_checkpointing=async_save,
             create=True,
@@ -87,7 +94,7 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def step_path(self, step: int) -> Path:
+    def step_path(self, step: int) -> epath.Path:
         """The folder a complete checkpoint of ``step`` lives in."""
         return self.directory / str(int(step))
 
@@ -169,7 +176,7 @@ class Checkpointer:
         state = self._read(step, path, args)[_STATE]
         return state, metadata
 
-    def _tree_metadata(self, step: int, path: Path) -> Any:
+    def _tree_metadata(self, step: int, path: epath.Path) -> Any:
         """The stored tree of shapes and dtypes, read without touching any array data."""
         try:
             tree_metadata = self._manager.metadata(step).item_metadata[_STATE]
@@ -179,7 +186,7 @@ class Checkpointer:
             raise CheckpointError(_unreadable_message(path, error, self.all_steps())) from error
         return tree_metadata
 
-    def _read(self, step: int, path: Path, args: ocp.args.Composite) -> Any:
+    def _read(self, step: int, path: epath.Path, args: ocp.args.Composite) -> Any:
         """``manager.restore`` with every exception turned into a damaged-checkpoint error."""
         try:
             return self._manager.restore(step, args=args)
@@ -205,7 +212,8 @@ def _as_json(metadata: Mapping[str, Any]) -> dict:
         raise TypeError(f"checkpoint metadata must be plain JSON: {error}") from error
 
 
-def _check_metadata(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+def _check_metadata(path: epath.Path, found: Mapping[str, Any],
+                    expected: Mapping[str, Any]) -> None:
     """Raises naming every key whose value differs, or that only one side has."""
     found_flat, expected_flat = files.flatten(found), files.flatten(expected)
     missing = object()
@@ -272,7 +280,7 @@ def _first_few(items: list[str]) -> str:
     return ", ".join(items[:_MAX_LISTED]) + more
 
 
-def _check_tree(path: Path, tree_metadata: Any, abstract_state: Any) -> None:
+def _check_tree(path: epath.Path, tree_metadata: Any, abstract_state: Any) -> None:
     """Raises naming the first few leaves of another shape/dtype, missing or extra.
 
     Orbax would silently cast a dtype and report only one structural problem at a time.
@@ -333,7 +341,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _unreadable_message(path: Path, error: Exception, steps: list[int]) -> str:
+def _unreadable_message(path: epath.Path, error: Exception, steps: list[int]) -> str:
     root = _root_cause(error)
     lines = str(root).strip().splitlines()
     detail = f"{type(root).__name__}: {lines[0][:400] if lines else ''}".rstrip(": ")

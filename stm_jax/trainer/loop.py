@@ -1,10 +1,15 @@
 """``train_and_evaluate(config, workdir)``: the training path behind ``scripts/train.py``.
 
-Data parallel over every local device with ``jax.jit`` on a ``('data',)`` mesh: parameters
-and optimizer state replicated, batches sharded on their first axis. Orbax checkpoints every
-``checkpoint_every`` steps and at the end; a rerun with the same workdir resumes from the
-latest complete checkpoint and, since batches and dropout are functions of (seed, step),
-finishes with the same parameters as an uninterrupted run.
+The state and the batch live on a ``(data, fsdp, model)`` mesh of every device
+(``config.mesh``, ``sharding.py``): by default data parallel (parameters and optimizer state
+replicated, batches split on their first axis); with ``fsdp`` the parameters and optimizer
+state are split too, with ``model`` the heads and MLP hidden units. The step is one
+``jax.jit`` program with explicit shardings, on one process or several (``multihost.py``:
+process 0 locks the workdir, writes its files and prints; every process feeds its own rows of
+each batch). Orbax checkpoints every ``checkpoint_every`` steps and at the end; a rerun with
+the same workdir resumes from the latest complete checkpoint, on any mesh, and, since batches
+and dropout are functions of (seed, step), finishes with the same parameters as an
+uninterrupted run.
 
 What a run does when something goes wrong:
 
@@ -14,9 +19,9 @@ What a run does when something goes wrong:
   latest checkpoint (metadata, tree and arrays are restored before the run writes a byte). A
   failure is one :class:`~stm_jax.errors.UserError` naming the problem and the fix, and
   leaves the workdir as it was (a fresh one is not even created).
-* SIGTERM or SIGINT (preemption, Ctrl-C) stops at the next step boundary, saves that step and
-  returns ``status="preempted"``; rerunning the same command resumes. A second signal ends
-  the process at once without saving.
+* SIGTERM or SIGINT (preemption, Ctrl-C) stops at a step boundary that every process agrees
+  on (``multihost.StopVote``), saves that step and returns ``status="preempted"``; rerunning
+  the same command resumes. A second signal ends the process at once without saving.
 * A killed run (``kill -9``, out of memory, power loss of the host) loses only the steps after
   its last complete checkpoint: Orbax writes each step into a temporary folder and renames it
   when complete, and ``vocab.json``, ``config.json`` and ``train_summary.json`` are replaced
@@ -24,12 +29,15 @@ What a run does when something goes wrong:
 * A non-finite loss or gradient never reaches the parameters; ``nonfinite_policy="stop"``
   ends the run naming the step and the term, with the last checkpoint (saved only after its
   step was checked) intact; ``"skip"`` drops the update and counts it in ``skipped_updates``.
-* A second run on the same workdir is refused by :class:`~stm_jax.trainer.workdir.WorkdirLock`.
+* A second run on the same workdir is refused by :class:`~stm_jax.trainer.workdir.WorkdirLock`
+  (taken by process 0 for the whole job; every process of a refused job stops with its error).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from stm_jax import data, files, objective, pretrained
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
-from stm_jax.trainer import checkpointing, metrics, steps
+from stm_jax.trainer import checkpointing, metrics, multihost, sharding, steps
 from stm_jax.trainer import workdir as workdir_lib
 from stm_jax.trainer.preemption import StopRequest
 from stm_jax.trainer.progress import Progress
@@ -58,19 +66,26 @@ def validate_config(config) -> None:
     objective.validate_config(config.objective)
     steps.validate_config(config.optimizer)
     data.validate_config(config.data)
+    multihost.validate_config(config.distributed)
     for key in POSITIVE_KEYS:
         if not isinstance(config[key], int) or config[key] < 1:
             raise UserError(f"{key}={config[key]!r} must be a positive integer")
     if config.eval_batches < 0:
         raise UserError(f"eval_batches={config.eval_batches} must be >= 0 (0: whole split)")
     devices = jax.device_count()
-    if config.batch_size % devices:
-        raise UserError(f"batch_size={config.batch_size} is not divisible by the {devices} "
-                        f"devices; use a multiple of {devices}")
-    rows = config.batch_size // devices
+    shape = sharding.mesh_shape(config.mesh, devices)
+    sharding.check_model_fits(config.model, shape)
+    shards = sharding.batch_shards(shape)
+    split = (f"{shards} devices" if shards == devices else
+             f"{shards} batch shards (mesh.data x mesh.fsdp = {shape[0]} x {shape[1]})")
+    if config.batch_size % shards:
+        raise UserError(f"batch_size={config.batch_size} is not divisible by the {split}; use "
+                        f"a multiple of {shards}")
+    rows = config.batch_size // shards
     if rows % config.microbatches:
+        each = "device(s)" if shards == devices else "batch shards"
         raise UserError(f"microbatches={config.microbatches} must divide the {rows} rows of "
-                        f"batch_size={config.batch_size} on each of {devices} device(s); use a "
+                        f"batch_size={config.batch_size} on each of {shards} {each}; use a "
                         f"divisor of {rows}")
     if config.peak_flops < 0:
         raise UserError(f"peak_flops={config.peak_flops} must be >= 0 (0: measure or look up "
@@ -99,12 +114,13 @@ def with_pretrained(config) -> tuple[ml_collections.ConfigDict, dict | None]:
     return config, params
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns summary.
 
     ``summary["status"]`` is ``"finished"`` or ``"preempted"`` (SIGTERM/SIGINT: the step
     reached is saved; call again to resume). Bad settings, data, workdirs and checkpoints
-    raise :class:`~stm_jax.errors.UserError` before anything is written.
+    raise :class:`~stm_jax.errors.UserError` before anything is written. With several
+    processes (``multihost.initialize``) every process calls it alike.
     """
     # 1. Every check that can fail, read-only.
     validate_config(config)
@@ -115,88 +131,106 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         check_tokenizer_fits(vocab, workdir, config.model.vocab_size, config.init_from)
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     config.model.vocab_size = vocab.size
-
-    # 2. The first write creates the folder; one run at a time from here on.
-    workdir = workdir_lib.create(workdir)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    mesh = sharding.make_mesh(sharding.mesh_shape(config.mesh, jax.device_count()))
+    batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
     tx = steps.make_optimizer(config.optimizer, config.num_steps)
-    graphdef, state = steps.init_state(config, tx)
+    graphdef, shapes = steps.abstract_state(config, tx)
+    specs = sharding.state_specs(shapes, tx, mesh)
+    state_sharding = sharding.named(mesh, specs)
+    compute_sharding = sharding.named(mesh, sharding.compute_specs(specs["params"]))
     metadata = workdir_lib.checkpoint_metadata(config, vocab)
-    with (workdir_lib.WorkdirLock(workdir), StopRequest() as stop,
-          checkpointing.Checkpointer(workdir / workdir_lib.CHECKPOINT_DIR,
-                                     max_to_keep=config.keep_checkpoints,
-                                     save_interval_steps=config.checkpoint_every) as ckpt):
+    primary = multihost.is_primary()
+
+    with contextlib.ExitStack() as stack:
+        # 2. The first write creates the folder; one run at a time from here on (process 0
+        # holds the lock for the whole job).
+        multihost.on_primary(lambda: take_workdir(workdir, stack))
+        workdir = workdir_lib.resolve(workdir)
+        stop = stack.enter_context(StopRequest())
+        ckpt = stack.enter_context(checkpointing.Checkpointer(
+            workdir / workdir_lib.CHECKPOINT_DIR, max_to_keep=config.keep_checkpoints,
+            save_interval_steps=config.checkpoint_every))
         workdir_lib.preflight(workdir, config)  # again, now that no other run can write it
         check_vocab_unchanged(workdir, vocab)
         # 3. Restore (and so check) the latest checkpoint before this run writes a file.
         start_step = ckpt.latest_step() or 0
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-        if not start_step and initial_params is not None:
-            state = steps.start_from(state, initial_params, tx)
-        state = (ckpt.restore(start_step, abstract, expected_metadata=metadata,
-                              upgrade_metadata=workdir_lib.upgrade_metadata)[0] if start_step
-                 else jax.device_put(state, replicated))
-        if not (workdir / vocab.filename).exists():
-            vocab.save(workdir / vocab.filename)
-        files.write_json(workdir / workdir_lib.CONFIG_FILE, config.to_dict(), indent=2)
+        if start_step:
+            abstract = jax.tree.map(
+                lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                shapes, state_sharding)
+            state = ckpt.restore(start_step, abstract, expected_metadata=metadata,
+                                 upgrade_metadata=workdir_lib.upgrade_metadata)[0]
+        else:  # the same values on every process, each placing its own devices' shards
+            state = steps.init_state(config, tx)[1]
+            if initial_params is not None:
+                state = steps.start_from(state, initial_params, tx)
+            state = multihost.place(state, state_sharding)
+        if primary:
+            if not (workdir / vocab.filename).exists():
+                vocab.save(workdir / vocab.filename)
+            files.write_json(workdir / workdir_lib.CONFIG_FILE, config.to_dict(), indent=2)
 
         def batch_at(step):
             inputs, targets = data.get_batch(splits["train"], seed=config.seed, step=step,
                                              batch_size=config.batch_size,
                                              context=config.model.context)
-            return shard_batch(inputs, batch_sharding), shard_batch(targets, batch_sharding)
+            return (multihost.shard_batch(inputs, batch_sharding),
+                    multihost.shard_batch(targets, batch_sharding))
 
         def evaluate(state) -> dict:
             return evaluate_split(eval_step, state["params"], splits["validation"], config,
                                   batch_sharding, config.eval_batches, vocab.token_bytes)
 
-        with metrics.MetricsWriter(workdir) as writer:
-            progress = Progress(config, writer, ckpt, start_step)
-            progress.start(info, splits)
-            # 4. One program per barrier weight (two with the lazy barrier).
-            compile_start = time.perf_counter()
-            weights = steps.barrier_weights(config)
-            programs = steps.compile_train_steps(
-                graphdef, config, tx, state, *batch_at(start_step), state_sharding=replicated,
-                batch_sharding=batch_sharding)
-            eval_step = jax.jit(steps.make_eval_step(graphdef, config.objective),
-                                in_shardings=(replicated, batch_sharding, batch_sharding),
-                                out_shardings=replicated)
-            progress.compiled(time.perf_counter() - compile_start, weights)
+        writer = stack.enter_context(metrics.MetricsWriter(workdir) if primary
+                                     else metrics.NullWriter())
+        progress = Progress(config, writer, ckpt, start_step)
+        progress.start(info, splits, mesh)
+        # 4. One program per barrier weight (two with the lazy barrier).
+        compile_start = time.perf_counter()
+        weights = steps.barrier_weights(config)
+        programs = steps.compile_train_steps(
+            graphdef, config, tx, state, *batch_at(start_step), state_sharding=state_sharding,
+            batch_sharding=batch_sharding, compute_sharding=compute_sharding)
+        eval_step = jax.jit(steps.make_eval_step(graphdef, config.objective,
+                                                 compute_sharding=compute_sharding),
+                            in_shardings=(state_sharding["params"], batch_sharding,
+                                          batch_sharding),
+                            out_shardings=replicated)
+        progress.compiled(time.perf_counter() - compile_start, weights)
 
-            # 5. Train, dispatching step t + 1 before fetching step t's metrics.
-            pending, step = None, start_step
-            while step < config.num_steps and not stop.signal_name:
-                state, step_metrics = programs[float(weights[step])](state, *batch_at(step))
-                step += 1
-                if pending is not None:
-                    progress.step_done(*pending)
-                pending = (step, step_metrics)
-                evaluate_now = step % config.eval_every == 0 and step < config.num_steps
-                if step % config.checkpoint_every == 0 or evaluate_now:
-                    progress.step_done(*pending)  # the policy sees a step before it is saved
-                    pending = None
-                if evaluate_now:
-                    progress.validation(step, evaluate(state))
-                ckpt.save(step, state, metadata=metadata)  # every checkpoint_every-th step
+        # 5. Train, dispatching step t + 1 before fetching step t's metrics.
+        vote = multihost.StopVote(mesh)
+        pending, step = None, start_step
+        while step < config.num_steps and not vote.stop_now(bool(stop.signal_name)):
+            state, step_metrics = programs[float(weights[step])](state, *batch_at(step))
+            step += 1
             if pending is not None:
                 progress.step_done(*pending)
+            pending = (step, step_metrics)
+            evaluate_now = step % config.eval_every == 0 and step < config.num_steps
+            if step % config.checkpoint_every == 0 or evaluate_now:
+                progress.step_done(*pending)  # the policy sees a step before it is saved
+                pending = None
+            if evaluate_now:
+                progress.validation(step, evaluate(state))
+            ckpt.save(step, state, metadata=metadata)  # every checkpoint_every-th step
+        if pending is not None:
+            progress.step_done(*pending)
 
-            # 6. Preempted: save the step reached. Finished: evaluate, save, summarise.
-            if step < config.num_steps:
-                return preempted(stop.signal_name, step, start_step, state, metadata, ckpt)
-            final = progress.validation(step, evaluate(state))
-            ckpt.save(step, state, metadata=metadata, force=True)
-            ckpt.wait()
-            summary = {"status": "finished", "step": step, **progress.summary(),
-                       "skipped_updates": int(jax.device_get(state["skipped"])),
-                       **{f"val_{k}": v for k, v in final.items()}}
+        # 6. Preempted: save the step reached. Finished: evaluate, save, summarise.
+        if step < config.num_steps:
+            return preempted(stop.signal_name or "SIGTERM or SIGINT on another process", step,
+                             start_step, state, metadata, ckpt)
+        final = progress.validation(step, evaluate(state))
+        ckpt.save(step, state, metadata=metadata, force=True)
+        ckpt.wait()
+        summary = {"status": "finished", "step": step, **progress.summary(),
+                   "skipped_updates": int(jax.device_get(state["skipped"])),
+                   **{f"val_{k}": v for k, v in final.items()}}
+        if primary:
             files.write_json(workdir / workdir_lib.SUMMARY_FILE, summary, indent=2)
-            progress.done(step, final)
-            return summary
+        progress.done(step, final)
+        return summary
 
 
 def check_tokenizer_fits(tokenizer, where, vocab_size: int, checkpoint: str) -> None:
@@ -206,7 +240,15 @@ def check_tokenizer_fits(tokenizer, where, vocab_size: int, checkpoint: str) -> 
                         "tokenizer.json that came with the checkpoint.")
 
 
-def load_splits(config, workdir: Path) -> tuple[dict, data.Vocab, dict]:
+def take_workdir(workdir, stack: contextlib.ExitStack) -> None:
+    """Creates and locks the workdir (on process 0) until ``stack`` closes."""
+    lock = stack.enter_context(workdir_lib.WorkdirLock(workdir_lib.create(workdir)))
+    if not lock.locks:
+        print(f"warning: {workdir} is not on a local file system, so it is not locked: do not "
+              "start a second run on it while this one runs", file=sys.stderr, flush=True)
+
+
+def load_splits(config, workdir: os.PathLike) -> tuple[dict, data.Vocab, dict]:
     """The token splits and vocabulary (``vocab.json`` reused if the workdir has one, never
     written here), checked to hold a training window and one evaluation batch."""
     reuse_vocab = any((workdir / name).exists()
@@ -231,20 +273,13 @@ def load_splits(config, workdir: Path) -> tuple[dict, data.Vocab, dict]:
     return splits, vocab, info
 
 
-def check_vocab_unchanged(workdir: Path, vocab: data.Vocab | data.BPETokenizer) -> None:
+def check_vocab_unchanged(workdir: os.PathLike, vocab: data.Vocab | data.BPETokenizer) -> None:
     """Another run may have written vocab.json (or tokenizer.json) between the data checks
     and taking the lock."""
     path = workdir / vocab.filename
     if path.exists() and type(vocab).load(path) != vocab:
         raise UserError(f"{path} changed while this run was starting (another run wrote a "
                         "different vocabulary); use a fresh --workdir")
-
-
-def shard_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """This process's rows of a global batch, assembled into one sharded array."""
-    per_process = batch.shape[0] // jax.process_count()
-    start = jax.process_index() * per_process
-    return jax.make_array_from_process_local_data(sharding, batch[start:start + per_process])
 
 
 def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int,
@@ -257,8 +292,8 @@ def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int
                                              context=config.model.context,
                                              max_batches=max_batches if max_batches > 0
                                              else None):
-        aux = jax.device_get(eval_step(params, shard_batch(inputs, sharding),
-                                       shard_batch(targets, sharding)))
+        aux = jax.device_get(eval_step(params, multihost.shard_batch(inputs, sharding),
+                                       multihost.shard_batch(targets, sharding)))
         for name, value in aux.items():
             if np.ndim(value) == 0:
                 totals[name] = totals.get(name, 0.0) + float(value)

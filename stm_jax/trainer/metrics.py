@@ -2,7 +2,8 @@
 
 ``workdir/metrics.jsonl`` is the record of a run: one JSON object per ``write``, readable by
 tests, notebooks and plots without TensorBoard. TensorBoard event files (via tensorboardX, no
-TensorFlow) are a convenience view of the same scalars.
+TensorFlow) are a convenience view of the same scalars. A run of several processes has one
+record, written by process 0; the others get a ``NullWriter``.
 """
 
 from __future__ import annotations
@@ -25,16 +26,23 @@ class MetricsWriter:
     """Appends metrics to ``workdir/metrics.jsonl`` and, optionally, TensorBoard.
 
     The file is opened for appending, so a resumed run continues the same record; each line is
-    flushed at once so a crash loses nothing already written.
+    flushed at once so a crash loses nothing already written. An object store (``gs://``)
+    cannot append, so there the file is rewritten whole at each write.
     """
 
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
-        self.workdir = Path(workdir)
+        self.workdir = files.as_path(workdir)
         self.path = self.workdir / METRICS_FILE
-        dangling = _ends_mid_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
-        if dangling:
-            self._file.write("\n")  # a killed run's half line stays a line of its own
+        self._file = self._remote_text = None
+        if files.is_local(self.path):
+            dangling = _ends_mid_line(Path(self.path))
+            self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+            if dangling:
+                self._file.write("\n")  # a killed run's half line stays a line of its own
+        else:
+            self._remote_text = self.path.read_text() if self.path.exists() else ""
+            if self._remote_text and not self._remote_text.endswith("\n"):
+                self._remote_text += "\n"
         self._tensorboard = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # only needed when asked for
@@ -52,8 +60,13 @@ class MetricsWriter:
         ``prefix/name``."""
         record = {"step": int(step), "split": prefix}
         record.update(files.to_json(dict(metrics)))
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._remote_text += line
+            self.path.write_text(self._remote_text)
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 scalar = _scalar_or_none(value)
@@ -61,11 +74,27 @@ class MetricsWriter:
                     self._tensorboard.add_scalar(f"{prefix}/{key}", scalar, int(step))
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+class NullWriter:
+    """The writer of processes other than 0: the run's one record is process 0's."""
+
+    def __enter__(self) -> NullWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -94,7 +123,7 @@ def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict]:
     it. A line cut short by a killed process is skipped.
     """
     merged: dict[tuple[str, int], dict] = {}
-    for record in files.read_jsonl(Path(workdir) / METRICS_FILE):
+    for record in files.read_jsonl(files.as_path(workdir) / METRICS_FILE):
         if split is None or record.get("split") == split:
             key = (record.get("split"), record.get("step"))
             merged[key] = {**merged.get(key, {}), **record}

@@ -39,5 +39,6 @@ class StopRequest:
 
     def __exit__(self, *exc_info):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python (JAX's preemption notifier, say).
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()

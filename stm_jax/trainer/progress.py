@@ -1,7 +1,8 @@
 """The host side of the training loop: each finished step's metrics, the non-finite policy,
 progress lines, tokens/s and model FLOPs utilisation.
 
-Only process 0 prints; every process applies the non-finite policy, so all stop together.
+Only process 0 prints and writes (the others are given a ``metrics.NullWriter``); every
+process applies the non-finite policy to the same replicated metrics, so all stop together.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ class Progress:
         if self.config.progress and jax.process_index() == 0:
             print(message, flush=True)
 
-    def start(self, info: dict, splits: dict) -> None:
+    def start(self, info: dict, splits: dict, mesh: jax.sharding.Mesh) -> None:
         devices = jax.device_count()
         batch = self.config.batch_size
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.print(f"data: {info.get('source', info.get('name'))} | vocab "
                    f"{self.config.model.vocab_size} | train {len(splits['train']):,} tokens | "
                    f"validation {len(splits['validation']):,}")
-        self.print(f"devices: {devices} x {jax.devices()[0].device_kind} | global batch {batch} "
-                   f"= {batch // devices} per device x {devices}")
+        processes = (f" in {jax.process_count()} processes" if jax.process_count() > 1
+                     else "")
+        self.print(f"devices: {devices} x {jax.devices()[0].device_kind}{processes} | mesh "
+                   + " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
+                   + f" | global batch {batch} = {batch // shards} per batch shard x {shards}")
         if self.start_step:
             self.print(f"resumed from {self.ckpt.step_path(self.start_step)}")
         if self.start_step >= self.config.num_steps:
@@ -93,7 +98,8 @@ class Progress:
             raise UserError(f"{message}. Training stopped; the last good checkpoint is "
                             f"{self.ckpt.step_path(latest) if latest else 'none (no save yet)'}"
                             ". Lower the learning rate or set nonfinite_policy='skip'.")
-        print(f"warning: {message}; skipped (nonfinite_policy='skip')", file=sys.stderr)
+        if jax.process_index() == 0:
+            print(f"warning: {message}; skipped (nonfinite_policy='skip')", file=sys.stderr)
 
     def named(self, record: dict) -> dict:
         """``bpc`` (ce / ln 2) is bits per character only in a character run; a subword run

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from stm_jax import data, pretrained
+from stm_jax import data, files, objective, pretrained
 from stm_jax import model as model_lib
 from stm_jax.errors import UserError
 from stm_jax.trainer import checkpointing, steps
@@ -78,7 +78,8 @@ def _abstract_state(config):
 
 def build_model(config, params: dict) -> model_lib.GPT:
     """A GPT of ``config.model`` holding ``params`` (a pure dict, as the train state stores)."""
-    abstract = nnx.eval_shape(lambda: model_lib.init_model(config.model, config.seed))
+    abstract = nnx.eval_shape(lambda: model_lib.init_model(
+        config.model, config.seed, objective.prior_width(config.objective, config.model)))
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, params)
 
@@ -93,7 +94,7 @@ def load_trained(
     or any checkpoint, for a step that is not there, and (``checkpointing.CheckpointError``)
     for a checkpoint that belongs to another model or cannot be read.
     """
-    workdir = Path(workdir).expanduser()
+    workdir = files.as_path(workdir)  # local, or a bucket (gs://)
     if not workdir.is_dir():
         raise UserError(f"workdir {workdir} does not exist or is not a directory")
     config = read_config(workdir)

@@ -1,7 +1,8 @@
 """Pure training and evaluation steps over pytrees, the state they update, and their programs.
 
 The train state is a plain dict ``{"params", "opt_state", "step", "skipped"}`` so that Orbax
-saves it as it is and ``jax.jit`` shards it with one ``NamedSharding``. The model is rebuilt
+saves it as it is and ``jax.jit`` places it by a matching tree of ``NamedSharding``
+(``sharding.state_specs``). The model is rebuilt
 inside the step from its graph definition (``nnx.merge``), so the steps stay pure functions.
 
 Each training step carries its barrier weight (``barrier_weights``): 1 on every step, or with
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from stm_jax import model as model_lib
 from stm_jax import objective
@@ -54,10 +57,19 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
 def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
     """AdamW (nanoGPT's recipe) with gradient clipping and the schedule above.
 
-    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales.
+    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or noise scales;
+    with ``optimizer.decay_embeddings`` False, not to the token and position tables either.
     """
     schedule = learning_rate_schedule(opt_cfg, num_steps)
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    embeddings = ("token_embed", "position_embed")
+
+    def decay_mask(params):
+        def decayed(path, leaf):
+            top = getattr(path[0], "key", None)
+            return leaf.ndim >= 2 and (opt_cfg.decay_embeddings or top not in embeddings)
+
+        return jax.tree_util.tree_map_with_path(decayed, params)
+
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(schedule, b1=opt_cfg.beta1, b2=opt_cfg.beta2,
@@ -72,7 +84,8 @@ def learning_rate(opt_cfg, num_steps: int, step: int) -> float:
 
 def init_state(config, tx: optax.GradientTransformation):
     """(graphdef, state) for a fresh run: parameters from ``config.seed``, step 0."""
-    model = model_lib.init_model(config.model, config.seed)
+    model = model_lib.init_model(config.model, config.seed,
+                                 objective.prior_width(config.objective, config.model))
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     state = {
@@ -89,6 +102,19 @@ def start_from(state: dict, params: dict, tx: optax.GradientTransformation) -> d
     tree) and whose optimizer state is new."""
     params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state["params"])
     return {**state, "params": params, "opt_state": tx.init(params)}
+
+
+def abstract_state(config, tx: optax.GradientTransformation):
+    """(graphdef, the shapes and dtypes of ``init_state``'s state), computing nothing."""
+    graphdefs = []
+
+    def state_only():
+        graphdef, state = init_state(config, tx)
+        graphdefs.append(graphdef)
+        return state
+
+    shapes = jax.eval_shape(state_only)
+    return graphdefs[0], shapes
 
 
 def _all_finite(tree) -> jax.Array:
@@ -119,7 +145,7 @@ def barrier_weights(config) -> np.ndarray:
 
 
 def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
-                    barrier_weight: float = 1.0):
+                    barrier_weight: float = 1.0, compute_sharding=None):
     """``train_step(state, inputs, targets) -> (state, metrics)`` for steps of one barrier
     weight (``barrier_weights``); jit it with shardings (``compile_train_steps``).
 
@@ -129,12 +155,18 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, *,
     A non-finite loss or gradient never reaches the parameters: the update is skipped and
     counted, and ``metrics["finite"]`` tells the host, which stops or carries on according to
     ``config.nonfinite_policy``.
+
+    ``compute_sharding`` (a tree of shardings like the parameters'): where the forward and
+    backward pass want the parameters, e.g. gathered over the FSDP axis
+    (``sharding.compute_specs``); the gradients come back to where the parameters are kept.
     """
     objective_cfg = config.objective
     microbatches = config.microbatches
 
     def train_step(state, inputs, targets):
         def loss_fn(params, inputs, targets, dropout_key):
+            if compute_sharding is not None:
+                params = jax.lax.with_sharding_constraint(params, compute_sharding)
             model = nnx.merge(graphdef, params)
             return objective.map_objective(model, inputs, targets, objective_cfg,
                                            dropout_key=dropout_key,
@@ -171,27 +203,35 @@ def step_weights(config) -> tuple[float, ...]:
 
 
 def compile_train_steps(graphdef, config, tx: optax.GradientTransformation, state, inputs,
-                        targets, *, state_sharding=None, batch_sharding=None) -> dict:
+                        targets, *, state_sharding=None, batch_sharding=None,
+                        compute_sharding=None) -> dict:
     """``{barrier weight: compiled train step}`` for every weight of ``step_weights``.
 
-    With shardings the programs take the state as ``state_sharding`` places it and the batch
-    as ``batch_sharding`` does, and donate the state's buffers; without, they run where their
-    inputs are. ``state``, ``inputs`` and ``targets`` fix the shapes.
+    With shardings the programs take the state as ``state_sharding`` (one ``NamedSharding``
+    or a tree of them) places it and the batch as ``batch_sharding`` does, return the metrics
+    replicated, and donate the state's buffers; without, they run where their inputs are.
+    ``state``, ``inputs`` and ``targets`` fix the shapes (arrays or ``jax.ShapeDtypeStruct``).
+    ``compute_sharding``: as ``make_train_step``'s.
     """
     weights = step_weights(config)
     shardings = {}
     if state_sharding is not None:
+        replicated = NamedSharding(batch_sharding.mesh, P())
         shardings = dict(in_shardings=(state_sharding, batch_sharding, batch_sharding),
-                         out_shardings=(state_sharding, state_sharding), donate_argnums=0)
-    return {weight: jax.jit(make_train_step(graphdef, config, tx, barrier_weight=weight),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return {weight: jax.jit(make_train_step(graphdef, config, tx, barrier_weight=weight,
+                                            compute_sharding=compute_sharding),
                             **shardings).lower(state, inputs, targets).compile()
             for weight in weights}
 
 
-def make_eval_step(graphdef, objective_cfg):
-    """``eval_step(params, inputs, targets) -> metrics`` without dropout (the MAP terms too)."""
+def make_eval_step(graphdef, objective_cfg, *, compute_sharding=None):
+    """``eval_step(params, inputs, targets) -> metrics`` without dropout (the MAP terms too);
+    ``compute_sharding`` as ``make_train_step``'s."""
 
     def eval_step(params, inputs, targets):
+        if compute_sharding is not None:
+            params = jax.lax.with_sharding_constraint(params, compute_sharding)
         model = nnx.merge(graphdef, params)
         _, aux = objective.map_objective(model, inputs, targets, objective_cfg)
         return aux

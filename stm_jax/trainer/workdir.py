@@ -8,11 +8,16 @@ refused run leaves it as it was; only ``create`` writes, once every check has pa
 ``read_config`` is the one place a saved config is read, and upgrades one written before a
 key existed (``LEGACY_VALUES``).
 
+Paths go through ``etils.epath`` (``files.as_path``), as Orbax's do: a workdir may be a
+local folder or a bucket (``gs://bucket/run``), never a local folder named ``gs:``.
+
 Two runs writing the same checkpoints and metrics file would interleave and corrupt each other,
 so a run takes an exclusive ``fcntl.flock`` on ``workdir/.lock``. The kernel drops a flock when
 the holding process exits for any reason, ``kill -9`` included, so there is never a stale lock to
-delete by hand. (flock is advisory and may not work across machines on some network
-filesystems; the workdir is assumed to be local or on a filesystem that supports it.)
+delete by hand. A run of several processes takes it once, on process 0
+(``multihost.on_primary``). flock is advisory and may not work across machines on some network
+filesystems, and an object store (``gs://``) has no lock at all: a remote workdir is not locked,
+and the run says so when it starts.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from stm_jax import files
 from stm_jax.errors import UserError
@@ -47,6 +53,25 @@ LEGACY_VALUES = {
     "objective.barrier_step_fraction": 1.0,
     "objective.barrier_floor": float("-inf"),
     "objective.chunk_size": 0,
+    "mesh.data": -1,  # every device, data parallel
+    "mesh.fsdp": 1,
+    "mesh.model": 1,
+    "distributed.enabled": False,
+    "distributed.coordinator_address": "",
+    "distributed.num_processes": 0,
+    "distributed.process_id": -1,
+    "objective.barrier_target": "attention",
+    "objective.prior_dim": 0,
+    "objective.penalty": "log_barrier",
+    "objective.penalty_cap": 30.0,
+    "objective.margin_tau": 0.5,
+    "objective.small_gain_knee": 0.9,
+    "objective.train_noise_sigma": 0.0,
+    "objective.train_noise_mode": "relative",
+    "objective.fixed_noise_scale": 0.0,
+    "model.first_layer_norm": True,
+    "model.embed_init_std": 0.02,
+    "optimizer.decay_embeddings": True,
     "model.attention_bias": False,
     "model.layer_norm_eps": 1e-6,
     "data.tokenizer": "char",
@@ -65,8 +90,14 @@ class WorkdirError(UserError):
 
 
 def upgrade_config(saved: Mapping[str, Any]) -> dict:
-    """A saved config (nested dict) with every key of ``LEGACY_VALUES`` it lacks filled in."""
+    """A saved config (nested dict) with every key of ``LEGACY_VALUES`` it lacks filled in.
+
+    ``distributed`` was a bool (call ``jax.distributed.initialize()``) before it became a
+    section; it becomes ``{"enabled": that bool}``.
+    """
     upgraded = files.from_json(dict(saved))
+    if isinstance(upgraded.get("distributed"), bool):
+        upgraded["distributed"] = {"enabled": upgraded["distributed"]}
     for key, value in LEGACY_VALUES.items():
         *sections, name = key.split(".")
         node = upgraded
@@ -78,7 +109,7 @@ def upgrade_config(saved: Mapping[str, Any]) -> dict:
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """``workdir/config.json`` as training saved it (vocabulary size included), upgraded."""
-    path = Path(workdir) / CONFIG_FILE
+    path = files.as_path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise WorkdirError(
             f"{path} does not exist: {workdir} is not a training workdir (scripts/train.py "
@@ -119,11 +150,13 @@ def upgrade_metadata(metadata: Mapping[str, Any]) -> dict:
 # Checks before a run, and creating the folder
 
 
-def check_path(workdir: str | os.PathLike) -> Path:
+def check_path(workdir: str | os.PathLike) -> epath.Path:
     """The workdir as a path, refused (without creating anything) if it cannot be a folder."""
-    workdir = Path(workdir).expanduser()
+    workdir = files.as_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} exists but is not a directory; pass a directory.")
+    if not files.is_local(workdir):
+        return workdir  # an object store: folders exist implicitly
     ancestor = workdir.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -133,7 +166,7 @@ def check_path(workdir: str | os.PathLike) -> Path:
     return workdir
 
 
-def preflight(workdir: str | os.PathLike, config) -> Path:
+def preflight(workdir: str | os.PathLike, config) -> epath.Path:
     """Read-only checks of a workdir for ``config``: a usable path, and a saved config (if
     any) for the same model. Returns the path."""
     workdir = check_path(workdir)
@@ -149,12 +182,15 @@ def preflight(workdir: str | os.PathLike, config) -> Path:
     return workdir
 
 
-def create(workdir: str | os.PathLike) -> Path:
+def create(workdir: str | os.PathLike) -> epath.Path:
     """Creates the workdir if missing and checks it is writable; returns it resolved.
 
     Failing here, before compilation, beats failing at the first checkpoint.
     """
     workdir = check_path(workdir)
+    if not files.is_local(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
+        return workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -164,6 +200,12 @@ def create(workdir: str | os.PathLike) -> Path:
         ) from error
     _check_writable(workdir)
     return workdir.resolve()
+
+
+def resolve(workdir: str | os.PathLike) -> epath.Path:
+    """The path ``create`` returns, for a workdir that exists (processes other than 0)."""
+    workdir = files.as_path(workdir)
+    return workdir.resolve() if files.is_local(workdir) else workdir
 
 
 def _check_writable(workdir: Path) -> None:
@@ -192,12 +234,14 @@ class WorkdirLock:
 
     The holder writes ``<pid> <hostname>`` into the file so a refused run can say who holds it.
     The file itself is never deleted: unlinking a lock file lets a third process lock a fresh
-    inode while the old one is still held.
+    inode while the old one is still held. A remote workdir (``gs://``) is not locked
+    (``locks`` is False): an object store has no lock to take.
     """
 
-    def __init__(self, workdir: str | Path):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = files.as_path(workdir)
         self.path = self.workdir / LOCK_NAME
+        self.locks = files.is_local(self.workdir)
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
@@ -209,7 +253,7 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         """Takes the lock or raises :class:`WorkdirError` naming the holder's pid."""
-        if self._fd is not None:
+        if self._fd is not None or not self.locks:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
