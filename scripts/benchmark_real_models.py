@@ -44,7 +44,7 @@ def main(argv):
                                            recompute_tokens=FLAGS.recompute_tokens, log=log)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     result = {"machine": report.machine(f"{os.cpu_count()} cores, load average at the end "
-                                        f"{load} (other jobs share the cores)"),
+                                        f"{load} (this run's own load included)"),
               "encoding": encoding, "sampling": speed, "command": " ".join(sys.argv)}
     report.write(FLAGS.out, result, real_models.format_report(result))
 
