@@ -6,11 +6,14 @@ from __future__ import annotations
 import html.parser
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import pytest
 from _gpt2_helpers import tiny_hf_config, write_gpt2_dir
@@ -24,7 +27,11 @@ from stm_jax.model import Record
 from stm_jax.trainer import metrics, restore
 from stm_jax.trainer.loop import train_and_evaluate
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 pytestmark = pytest.mark.xdist_group("analyze")
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         "Héllo wörld — 日本語 😀\n") * 4
@@ -123,6 +130,31 @@ def test_outputs_and_the_html_page(analysed):
             layer["support"]  # one highlighted span per support token, in order
         assert [index for index, _, _ in spans] == list(range(results["num_tokens"]))
         assert "".join(text for _, _, text in spans) == "".join(results["tokens"])
+
+
+HIGHLIGHTS = ((0xFF, 0xD2, 0x7A), (0xFF, 0x8A, 0x80))  # span.support, span.support.below-tau
+
+
+def highlighted_pixels(page: Path, png: Path) -> int:
+    """Pixels of the support-token colours in a headless Chromium screenshot of ``page``."""
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={png}", "--window-size=1000,1600", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.round(plt.imread(png)[..., :3] * 255).astype(int)
+    return int(sum(np.all(np.abs(pixels - colour) <= 2, axis=-1).sum() for colour in HIGHLIGHTS))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER is None, reason="no chromium on this machine")
+def test_a_browser_shows_the_support_tokens_highlighted(analysed, tmp_path):
+    """Rendered, the page shows the highlight colours; without the support class, none."""
+    _, out = analysed
+    page = (out / analyze.HTML_FILE).read_text(encoding="utf-8")
+    plain = tmp_path / "plain.html"
+    plain.write_text(page.replace('class="tok support', 'class="tok plain'), encoding="utf-8")
+    assert 'class="tok support' in page
+    assert highlighted_pixels(out / analyze.HTML_FILE, tmp_path / "page.png") > 100
+    assert highlighted_pixels(plain, tmp_path / "plain.png") == 0
 
 
 class SpanParser(html.parser.HTMLParser):
