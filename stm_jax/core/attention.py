@@ -403,6 +403,23 @@ def _symmetric_extreme(matrix: jax.Array, which: str) -> jax.Array:
     return eigenvalues[..., 0] if which == "min" else eigenvalues[..., -1]
 
 
+def _gram_factor(basis: jax.Array) -> jax.Array:
+    """A Cholesky factor K of basis^T basis (K K^T = basis^T basis), also where ``basis`` is
+    rank-deficient: G_t has no rank to spare where attention is one-hot, and the plain
+    factorisation of a singular Gram matrix is NaN (in float32 also near it), its gradient
+    too. Only there, a jitter of a few ulps of the mean diagonal keeps it positive definite;
+    it moves the eigenvalues of K^T C K by O(sqrt(jitter)) in the deficient directions.
+    Elsewhere the factor is the plain one."""
+    gram = basis.T @ basis
+    size = gram.shape[-1]
+    jitter = (10 * jnp.finfo(gram.dtype).eps * jnp.trace(gram) / size
+              + jnp.finfo(gram.dtype).tiny)
+    pivots = jnp.diagonal(jnp.linalg.cholesky(jax.lax.stop_gradient(gram)))
+    singular = ~jnp.all(jnp.isfinite(pivots) & (pivots**2 > 100 * jitter))
+    jitter = jax.lax.stop_gradient(jnp.where(singular, jitter, 0.0))
+    return jnp.linalg.cholesky(gram + jitter * jnp.eye(size, dtype=gram.dtype))
+
+
 def _safe_sqrt(squared: jax.Array) -> jax.Array:
     positive = squared > 0  # sqrt's slope is infinite at 0: no gradient from there
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
@@ -440,7 +457,7 @@ def sigma_min_identity_minus_low_rank(left: jax.Array, right: jax.Array,
         smallest = extreme_singular_value(eye - self_map, "min", gram)
         return jnp.minimum(smallest, 1.0) if reduced else smallest
     basis = jnp.concatenate([left, right], axis=1)
-    factor = jnp.linalg.cholesky(basis.T @ basis)
+    factor = _gram_factor(basis)
     eye, zeros = jnp.eye(rank, dtype=left.dtype), jnp.zeros((rank, rank), left.dtype)
     coupling = jnp.block([[zeros, -eye], [-eye, left.T @ left]])
     squared = 1.0 + _symmetric_extreme(factor.T @ coupling @ factor, "min")
@@ -456,7 +473,7 @@ def sigma_max_low_rank(left: jax.Array, right: jax.Array, gram: bool = False) ->
     if not gram:
         self_map, _ = _reduced_self_map(left, right)
         return extreme_singular_value(self_map, "max")
-    factor = jnp.linalg.cholesky(left.T @ left)
+    factor = _gram_factor(left)
     return _safe_sqrt(_symmetric_extreme(factor.T @ (right.T @ right) @ factor, "max"))
 
 

@@ -194,6 +194,8 @@ def plot_quality_curve(summary: dict) -> Figure | None:
         axes.grid(alpha=0.3)
     handles = [Line2D([], [], color=colour, marker="o", linestyle="", label=reading)
                for reading, colour in colours.items()]
+    handles.append(Line2D([], [], color="C0", marker="o", linestyle="",
+                          label="no reading (CE and the controls)"))
     figure.axes[0].legend(handles=[figure.axes[0].lines[0], *handles], fontsize=7)
     figure.suptitle(f"{summary['experiment']}: robustness against clean quality")
     return figure
