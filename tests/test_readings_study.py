@@ -131,6 +131,27 @@ def test_summary_and_report_of_the_readings(tmp_path):
     assert plots.plot_quality_curve(summary) is not None
 
 
+def test_the_fraction_at_a_bounded_penaltys_constraint(tmp_path):
+    """From training's last validation record in metrics.jsonl; '-' for a run without one."""
+    experiment = experiments.get_experiment("readings_shakespeare")
+    directory = tmp_path / "readings_shakespeare"
+    write_run(directory, "ce", 0, 2.70, 0.10, 0.30)
+    write_run(directory, "margin_hinge_l10", 0, 2.75, 0.10, 0.30)
+    records = [{"step": 250, "split": "validation", "active_fraction": 0.5},
+               {"step": 2000, "split": "train", "active_fraction": 0.9},
+               {"step": 2000, "split": "validation", "active_fraction": 0.0125}]
+    (directory / "runs" / "margin_hinge_l10" / "seed0" / "metrics.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in records))
+    summary = build_summary(experiment, directory, [])
+    metrics = {run["run"]: run["metrics"] for run in summary["runs"]}
+    assert metrics["margin_hinge_l10"]["active_fraction"] == pytest.approx(0.0125)
+    assert metrics["ce"]["active_fraction"] is None
+    lines = report.format_report(summary, [], None).splitlines()
+    hinge = next(line for line in lines if line.startswith("| margin_hinge_l10 | 1 | 0."))
+    assert hinge.endswith("| 1.25% |")
+    assert next(line for line in lines if line.startswith("| ce | 1 | 0.")).endswith("| - |")
+
+
 def test_every_reading_switch_comes_through_an_override():
     """scripts/reproduce.py --override=key=value: each reading's keys, typed as the config."""
     from configs import shakespeare_char

@@ -172,19 +172,29 @@ def margin_section(summary: dict, tables: _Tables) -> list[str]:
     settings = summary["runs"][0]["margin_settings"] if summary["runs"] else {}
     lines = ["## Margin geometry", "",
              "| variant | n | min, layer 0 | 5%, layer 0 | min, all layers | worst layer's 5% | "
-             "infeasible fraction | support tokens (m_t <= tau), all layers |", "|---" * 8 + "|"]
+             "infeasible fraction | support tokens (m_t <= tau), all layers | at the penalty's "
+             "constraint |", "|---" * 9 + "|"]
     for name, variant in summary["variants"].items():
         lines.append(f"| {name} | {variant['n']} | "
                      + " | ".join(mean_std(_stat(summary, name, metric)) for metric in (
                          "margin_min_layer0", "margin_q05_layer0", "margin_min",
                          "margin_q05_min"))
                      + f" | {mean_std(_stat(summary, name, 'infeasible_fraction'), 2, 100.0)}% | "
-                     f"{mean_std(_stat(summary, name, 'support_count'), 1)} |")
+                     f"{mean_std(_stat(summary, name, 'support_count'), 1)} | "
+                     f"{_percent(_stat(summary, name, 'active_fraction'))} |")
     lines += ["", tables.caption(
         f"Margins m_t = sigma_min(J_t) on {settings.get('num_windows', '?')} validation windows "
         f"({settings.get('num_tokens', '?')} tokens per layer); infeasible: det J_t <= 0 (%); "
-        f"support tokens: m_t <= tau = {settings.get('tau', '?')}, summed over layers."), ""]
+        f"support tokens: m_t <= tau = {settings.get('tau', '?')}, summed over layers; at the "
+        "constraint: the blocks where a bounded penalty acts (margin below tau, gain past the "
+        "knee, log-det capped; %), from training's last validation pass, - without one."), ""]
     return lines
+
+
+def _percent(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{mean_std(stat, 2, 100.0)}%"
 
 
 def _signed(value: float | None, digits: int = 1, suffix: str = "") -> str:

@@ -15,6 +15,7 @@ from stm_jax import files
 from stm_jax.evaluation import RESULTS_FILE
 from stm_jax.study import claims
 from stm_jax.study.experiments import BARRIER_RUN, CE_RUN, Experiment
+from stm_jax.trainer.metrics import METRICS_FILE
 from stm_jax.trainer.workdir import CONFIG_FILE, SUMMARY_FILE, upgrade_config
 
 CONFIG_KEYS = ("num_steps", "batch_size", "seed")
@@ -91,6 +92,19 @@ def mechanism_metrics(results: dict) -> dict[str, float | None]:
     return metrics
 
 
+def constraint_metrics(folder: Path) -> dict[str, float | None]:
+    """From training's last validation record: the fraction of blocks at a bounded penalty's
+    constraint (a margin below tau, a gain past the knee, a capped log-det); None without one."""
+    last = None
+    path = folder / METRICS_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("split") == "validation":
+                last = record
+    return {"active_fraction": _number((last or {}).get("active_fraction"))}
+
+
 def curve_points(folder: Path) -> list[dict]:
     """A curve run's earlier checkpoints (eval_results_step<N>.json), in step order."""
     points = []
@@ -139,7 +153,8 @@ def collect_runs(experiment: Experiment, experiment_dir: Path) -> list[dict]:
                           "settings": _settings(config),
                           "margin_settings": {key: results["margins"][key] for key in
                                               ("tau", "bottom_k", "num_windows", "num_tokens")},
-                          "metrics": headline_metrics(results, summary),
+                          "metrics": {**headline_metrics(results, summary),
+                                      **constraint_metrics(folder)},
                           **({"curve": curve_points(folder)} if run.curve else {})})
     return found
 
