@@ -66,7 +66,7 @@ def with_estimator_fraction(modes: dict, fraction: float) -> dict:
 def _mode_config(base, overrides: dict):
     config = ml_collections.ConfigDict(base.to_dict())
     overrides = dict(overrides)
-    config.microbatches = overrides.pop("microbatches", config.get("microbatches", 1))
+    config.microbatches = overrides.pop("microbatches", config.microbatches)
     config.objective.update(overrides)
     return config
 

@@ -144,14 +144,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with contextlib.ExitStack() as stack:
         # 2. The first write creates the folder; one run at a time from here on (process 0
         # holds the lock for the whole job).
-        multihost.on_primary(lambda: take_workdir(workdir, stack))
+        multihost.on_primary(lambda: workdir_lib.take_workdir(workdir, stack))
         workdir = workdir_lib.resolve(workdir)
         stop = stack.enter_context(StopRequest())
         ckpt = stack.enter_context(checkpointing.Checkpointer(
             workdir / workdir_lib.CHECKPOINT_DIR, max_to_keep=config.keep_checkpoints,
             save_interval_steps=config.checkpoint_every))
         workdir_lib.preflight(workdir, config)  # again, now that no other run can write it
-        check_vocab_unchanged(workdir, vocab)
+        workdir_lib.check_vocab_unchanged(workdir, vocab)
         # 3. Restore (and so check) the latest checkpoint before this run writes a file.
         start_step = ckpt.latest_step() or 0
         if start_step:
@@ -240,14 +240,6 @@ def check_tokenizer_fits(tokenizer, where, vocab_size: int, checkpoint: str) -> 
                         "tokenizer.json that came with the checkpoint.")
 
 
-def take_workdir(workdir, stack: contextlib.ExitStack) -> None:
-    """Creates and locks the workdir (on process 0) until ``stack`` closes."""
-    lock = stack.enter_context(workdir_lib.WorkdirLock(workdir_lib.create(workdir)))
-    if not lock.locks:
-        print(f"warning: {workdir} is not on a local file system, so it is not locked: do not "
-              "start a second run on it while this one runs", file=sys.stderr, flush=True)
-
-
 def load_splits(config, workdir: os.PathLike) -> tuple[dict, data.Vocab, dict]:
     """The token splits and vocabulary (``vocab.json`` reused if the workdir has one, never
     written here), checked to hold a training window and one evaluation batch."""
@@ -271,15 +263,6 @@ def load_splits(config, workdir: os.PathLike) -> tuple[dict, data.Vocab, dict]:
             "text, a larger data.val_fraction, or a smaller batch_size or model.context"
         ) from None
     return splits, vocab, info
-
-
-def check_vocab_unchanged(workdir: os.PathLike, vocab: data.Vocab | data.BPETokenizer) -> None:
-    """Another run may have written vocab.json (or tokenizer.json) between the data checks
-    and taking the lock."""
-    path = workdir / vocab.filename
-    if path.exists() and type(vocab).load(path) != vocab:
-        raise UserError(f"{path} changed while this run was starting (another run wrote a "
-                        "different vocabulary); use a fresh --workdir")
 
 
 def evaluate_split(eval_step, params, tokens, config, sharding, max_batches: int,

@@ -22,9 +22,11 @@ and the run says so when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -294,3 +296,21 @@ def _read_holder(fd: int) -> str:
         return "pid unknown: the holder has not written it yet"
     host = f" on host {fields[1]}" if len(fields) > 1 else ""
     return f"pid {fields[0]}{host}"
+
+
+def take_workdir(workdir, stack: contextlib.ExitStack) -> None:
+    """Creates and locks the workdir (on process 0) until ``stack`` closes."""
+    lock = stack.enter_context(WorkdirLock(create(workdir)))
+    if not lock.locks:
+        print(f"warning: {workdir} is not on a local file system, so it is not locked: do not "
+              "start a second run on it while this one runs", file=sys.stderr, flush=True)
+
+
+def check_vocab_unchanged(workdir: os.PathLike, vocab) -> None:
+    """Refuses to go on if the workdir's vocab.json (or tokenizer.json) is no longer ``vocab``
+    (a ``data.Vocab`` or ``data.BPETokenizer``): another run may have written one between the
+    data checks and taking the lock."""
+    path = workdir / vocab.filename
+    if path.exists() and type(vocab).load(path) != vocab:
+        raise UserError(f"{path} changed while this run was starting (another run wrote a "
+                        "different vocabulary); use a fresh --workdir")
