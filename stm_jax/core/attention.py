@@ -405,18 +405,19 @@ def _symmetric_extreme(matrix: jax.Array, which: str) -> jax.Array:
 
 def _gram_factor(basis: jax.Array) -> jax.Array:
     """A Cholesky factor K of basis^T basis (K K^T = basis^T basis), also where ``basis`` is
-    rank-deficient: G_t has no rank to spare where attention is one-hot, and the plain
-    factorisation of a singular Gram matrix is NaN (in float32 also near it), its gradient
-    too. Only there, a jitter of a few ulps of the mean diagonal keeps it positive definite;
-    it moves the eigenvalues of K^T C K by O(sqrt(jitter)) in the deficient directions.
-    Elsewhere the factor is the plain one."""
+    rank-deficient to working precision. [W_O^h, G_t^h^T] can be: the computed Gram matrix is
+    then indefinite by up to its rounding error (at most rows x eps x its trace), and the
+    plain factorisation is NaN, its gradient too. Where the plain factor fails or has a pivot
+    within that rounding error, the Gram matrix gets that bound as a jitter, which keeps it
+    positive definite and moves the eigenvalues of K^T C K by O(sqrt(jitter)) in the deficient
+    directions only. Elsewhere the factor is the plain one."""
     gram = basis.T @ basis
     size = gram.shape[-1]
-    jitter = (10 * jnp.finfo(gram.dtype).eps * jnp.trace(gram) / size
-              + jnp.finfo(gram.dtype).tiny)
+    rounding = (basis.shape[0] * jnp.finfo(gram.dtype).eps * jnp.trace(gram)
+                + jnp.finfo(gram.dtype).tiny)
     pivots = jnp.diagonal(jnp.linalg.cholesky(jax.lax.stop_gradient(gram)))
-    singular = ~jnp.all(jnp.isfinite(pivots) & (pivots**2 > 100 * jitter))
-    jitter = jax.lax.stop_gradient(jnp.where(singular, jitter, 0.0))
+    singular = ~jnp.all(jnp.isfinite(pivots) & (pivots**2 > rounding))
+    jitter = jax.lax.stop_gradient(jnp.where(singular, rounding, 0.0))
     return jnp.linalg.cholesky(gram + jitter * jnp.eye(size, dtype=gram.dtype))
 
 
