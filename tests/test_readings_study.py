@@ -33,7 +33,9 @@ def test_reading_verdicts_follow_the_criterion():
     assert verdict(0.10)["gain_points"] == pytest.approx(10.0)
     assert verdict(0.10, cost=0.05)["verdict"] == "partly"  # too costly when clean
     assert verdict(0.04)["verdict"] == "partly"  # beyond noise, short of 6 points
-    assert verdict(0.10, control_gain=0.01)["verdict"] == "partly"  # the control explains it
+    assert verdict(0.10, control_gain=0.03)["verdict"] == "partly"  # beats its control a little
+    assert verdict(0.10, control_gain=0.0)["verdict"] == "explained by its control"
+    assert verdict(0.10, control_gain=-0.03)["verdict"] == "explained by its control"
     assert verdict(0.10, control_gain=0.08)["verdict"] == "recovers"
     assert verdict(0.10, std=0.2)["verdict"] == "does not recover"  # within seed noise
     assert verdict(-0.05)["verdict"] == "does not recover"

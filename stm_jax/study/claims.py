@@ -123,14 +123,16 @@ def margin_geometry(ce_q05: dict | None, barrier_q05: dict | None,
 # ---------------------------------------------------------------------------------------------
 # The readings study: does a reading recover the robustness claim?
 
-READING_VERDICTS = ("recovers", "partly", "does not recover", "screened (one seed)")
+READING_VERDICTS = ("recovers", "partly", "explained by its control", "does not recover",
+                    "screened (one seed)")
 READING_CRITERION = (
     f"recovers: a top-1 gain over CE-only of at least {GAIN_REPRODUCED_POINTS:g} points beyond "
     f"{NOISE_Z:g} standard errors at sigma = {SIGMA:g}, a clean cost of at most "
     f"{CLEAN_COST_REPRODUCED:.1%}, and a gain over its control of the same size (the control "
-    "does not explain it); partly: a gain over CE-only beyond seed noise, short of that; does "
-    "not recover: no gain beyond seed noise; screened: fewer than two seeds of the run, CE-only "
-    "or the control")
+    "does not explain it); partly: a gain over CE-only beyond seed noise, short of that, and "
+    "over its control too; explained by its control: a gain over CE-only beyond seed noise but "
+    "none over its control; does not recover: no gain beyond seed noise; screened: fewer than "
+    "two seeds of the run, CE-only or the control")
 
 
 def reading_verdict(ce_bpc: dict | None, reading_bpc: dict | None, ce_accuracy: dict | None,
@@ -161,7 +163,9 @@ def reading_verdict(ce_bpc: dict | None, reading_bpc: dict | None, ce_accuracy: 
     if large and beats_control and cost <= CLEAN_COST_REPRODUCED:
         return {**result, "verdict": "recovers"}
     if result["gain_beyond_noise"] and points > 0:
-        return {**result, "verdict": "partly"}
+        explained = not control_is_ce and not (control_points > 0
+                                               and over_control["within_seed_noise"] is False)
+        return {**result, "verdict": "explained by its control" if explained else "partly"}
     return {**result, "verdict": "does not recover"}
 
 
