@@ -192,9 +192,8 @@ def margin_section(summary: dict, tables: _Tables) -> list[str]:
 
 
 def _percent(stat: dict | None) -> str:
-    if not stat or stat.get("mean") is None:
-        return "-"
-    return f"{mean_std(stat, 2, 100.0)}%"
+    text = mean_std(stat, 2, 100.0)
+    return text if text == "-" else f"{text}%"
 
 
 def _signed(value: float | None, digits: int = 1, suffix: str = "") -> str:
