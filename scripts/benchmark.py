@@ -20,7 +20,9 @@ flags.DEFINE_list("configs", ["tiny", "shakespeare_char:cpu", "shakespeare_char"
                   "Configs from configs/, with an optional :variant.")
 flags.DEFINE_list("modes", list(benchmark.MODES), f"Subset of {list(benchmark.MODES)}.")
 flags.DEFINE_integer("full_batch", 8, "Batch for the full shakespeare_char config (fits here).")
-flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds after one warm-up round.")
+flags.DEFINE_integer("rounds", 10, "Interleaved timing rounds after one warm-up round.")
+flags.DEFINE_integer("steps_per_round", 5,
+                     "Each mode's steps timed in a row per round (its pattern, repeated).")
 flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "gpu/tpu: bfloat16 matmuls.")
 flags.DEFINE_integer("estimator_positions", 2,
                      "Positions per sequence for the estimator modes (head_estimator, head_lazy): "
@@ -88,7 +90,8 @@ def main(argv):
     for label, config, fraction in configs:
         rows += benchmark.benchmark_config(
             label, config, benchmark.with_estimator_fraction(modes, fraction),
-            rounds=FLAGS.rounds, matmul_rate=rate, peer=peer, log=lambda s: print(s, flush=True))
+            rounds=FLAGS.rounds, steps_per_round=FLAGS.steps_per_round, matmul_rate=rate,
+            peer=peer, log=lambda s: print(s, flush=True))
         if any(mode in modes for mode in benchmark.ESTIMATOR_MODES):
             spreads += [{"config": label, **spread} for spread in benchmark.estimator_spreads(
                 config, fraction, step_fraction=FLAGS.lazy_step_fraction,

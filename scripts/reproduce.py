@@ -17,9 +17,9 @@ from pathlib import Path
 import _bootstrap
 from absl import app, flags
 
-from stm_jax.study import reproduce
+from stm_jax.study import experiments, reproduce
 
-flags.DEFINE_string("experiment", None, "shakespeare_cpu, wikitext2_cpu or shakespeare_full.")
+flags.DEFINE_string("experiment", None, f"One of {', '.join(experiments.EXPERIMENTS)}.")
 flags.DEFINE_integer("seeds", 3, "Seeds 0 .. seeds-1 for every run.")
 flags.DEFINE_list("runs", [], "Only these runs (comma-separated names); default: all.")
 flags.DEFINE_integer("jobs", 1, "Trainings to run at the same time (the README says what 2 "

@@ -46,8 +46,12 @@ def test_benchmark_rows_and_targets():
     # The barrier on every other step: a timed pass of two steps keeps the test short.
     modes["head_lazy"] = {**modes["head_lazy"], "barrier_step_fraction": 0.5}
     rows = benchmark.benchmark_config("tiny", config, modes, rounds=1, matmul_rate=1e11,
-                                      peer=SleepingPeer, log=lambda _: None)
+                                      steps_per_round=2, peer=SleepingPeer, log=lambda _: None)
     assert [r["mode"] for r in rows] == [*modes, benchmark.PEER_MODE]
+    # Ratios are paired per round: CE against itself is exactly 1.
+    assert rows[0]["step_vs_ce"] == 1.0 and rows[0]["step_vs_ce_quartiles"] == [1.0, 1.0]
+    low, high = rows[1]["step_vs_ce_quartiles"]
+    assert low <= rows[1]["step_vs_ce"] <= high
     assert all(r["step_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows[:-1])
     assert "overhead_vs_floor" in rows[1] and "overhead_vs_floor" not in rows[0]
     assert [r["microbatches"] for r in rows] == [2, 2, 1]
@@ -155,3 +159,8 @@ def test_lazy_pattern_is_one_barrier_step_in_n():
     assert benchmark._step_pattern(programs, 0.25) == [4.0, 0.0, 0.0, 0.0]
     assert benchmark._step_pattern(programs, 0.3) == [4.0, 0.0, 0.0]  # 1/q rounded
     assert benchmark._step_pattern({1.0: "step"}, 1.0) == [1.0]
+
+
+def test_quartiles_of_paired_ratios():
+    assert benchmark._quartiles([2.0]) == (2.0, 2.0, 2.0)
+    assert benchmark._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)

@@ -4,10 +4,13 @@ Every mode of one config is compiled, then timed in interleaved rounds so that m
 hits all modes alike: each round runs every mode's steps twice and times the second pass, so
 no timing carries the cache and allocator state of another mode. The lazy barrier's pass is
 one barrier step and 1/q - 1 CE-only steps (q rounded to 1/n), its mean step as in training.
-Medians over rounds are reported. Memory is XLA's own account of the compiled step
-(arguments + outputs + temporaries - aliased), which is deterministic. The barrier's
-*arithmetic floor* is its FLOP count from the shapes (forward and backward = 3 x forward)
-divided by this machine's measured matmul rate.
+A pass is ``steps_per_round`` repetitions of a mode's steps, so that one timing spans
+more than a single step's jitter. Medians over rounds are reported; a mode's ratio to CE is
+the median over rounds of its pass time over CE's in the same round (paired, so that the
+machine's slower and faster minutes cancel), with the quartiles of those ratios. Memory is
+XLA's own account of the compiled step (arguments + outputs + temporaries - aliased), which
+is deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes
+(forward and backward = 3 x forward) divided by this machine's measured matmul rate.
 """
 
 from __future__ import annotations
@@ -125,8 +128,16 @@ def _step_pattern(programs: dict, step_fraction: float) -> list[float]:
     return [max(programs)] + [0.0] * (max(1, round(1 / step_fraction)) - 1)
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """Lower quartile, median and upper quartile (the median of a single value is itself)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    lower, middle, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return lower, middle, upper
+
+
 def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate: float,
-                     peer=None, log=print) -> list[dict]:
+                     steps_per_round: int = 1, peer=None, log=print) -> list[dict]:
     """Compile every mode of ``config``, time them interleaved, return one row per mode.
 
     ``peer``: optionally a module with ``make_step(config, inputs, targets)`` (such as
@@ -149,7 +160,7 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
         for mode, (programs, state, _, _) in compiled.items():
             step_times = _timed_second_pass([
                 lambda step=programs[weight], state=state: jax.block_until_ready(
-                    step(state, inputs, inputs)) for weight in patterns[mode]])
+                    step(state, inputs, inputs)) for weight in patterns[mode] * steps_per_round])
             times[mode].append(statistics.mean(step_times))
             if mode in barrier_times:
                 barrier_times[mode].append(step_times[0])
@@ -159,6 +170,8 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     model_flops = flops.model_flops_per_token(config.model)
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
     ce_time, ce_memory = median["ce"], compiled["ce"][3]
+    paired = {key: _quartiles([mode_s / ce_s for mode_s, ce_s in zip(
+        values[1:], times["ce"][1:], strict=True)]) for key, values in times.items()}
 
     def timing_row(mode, memory, compile_s, microbatches) -> dict:
         step_s = median[mode]
@@ -167,7 +180,8 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                 "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
                 "peak_memory_mb": None if memory is None else memory / 2**20,
                 "mfu": tokens / step_s * model_flops / matmul_rate,
-                "step_vs_ce": step_s / ce_time,
+                "step_vs_ce": paired[mode][1],
+                "step_vs_ce_quartiles": [paired[mode][0], paired[mode][2]],
                 "memory_vs_ce": None if memory is None else memory / max(ce_memory or 1, 1)}
 
     rows = []

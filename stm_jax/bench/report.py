@@ -31,18 +31,26 @@ def write(out: str | Path, result: dict, markdown: str) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of every measurement."""
-    header = ("| config | mode | microbatches | step ms | tokens/s | x CE time | peak MB | "
-              "x CE memory | MFU | barrier floor ms | overhead / floor | compile s |")
+    header = ("| config | mode | microbatches | step ms | tokens/s | x CE time (quartiles) | "
+              "peak MB | x CE memory | MFU | barrier floor ms | overhead / floor | compile s |")
     lines = [header, "|" + "---|" * 12]
     number = lambda r, key, form: "-" if r.get(key) is None else format(r[key], form)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['config']} | {r['mode']} | {r.get('microbatches', 1)} | "
-                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['step_vs_ce']:.2f} | "
+                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {_ratio_text(r)} | "
                      f"{number(r, 'peak_memory_mb', '.0f')} | "
                      f"{number(r, 'memory_vs_ce', '.2f')} | {100 * r['mfu']:.1f}% | "
                      f"{number(r, 'floor_ms', '.1f')} | {number(r, 'overhead_vs_floor', '.2f')} | "
                      f"{r['compile_s']:.1f} |")
     return "\n".join(lines)
+
+
+def _ratio_text(row: dict) -> str:
+    """The paired ratio to CE with its quartiles over rounds, "1.27 (1.24-1.30)"."""
+    quartiles = row.get("step_vs_ce_quartiles")
+    if not quartiles or row["mode"] == "ce":
+        return f"{row['step_vs_ce']:.2f}"
+    return f"{row['step_vs_ce']:.2f} ({quartiles[0]:.2f}-{quartiles[1]:.2f})"
 
 
 def _fraction_text(fraction: float) -> str:
