@@ -43,21 +43,6 @@ flags.DEFINE_string("out", "benchmarks", "Folder for benchmark.json and benchmar
 FLAGS = flags.FLAGS
 
 
-def load_config(spec: str):
-    import importlib
-
-    name, _, variant = spec.partition(":")
-    config = importlib.import_module(f"configs.{name}").get_config(variant or None)
-    config.model.vocab_size = 65  # Tiny Shakespeare's character set
-    config.model.dropout = 0.0
-    if name == "shakespeare_char" and not variant.startswith("cpu"):
-        config.batch_size = FLAGS.full_batch
-        spec = f"{spec} (batch {FLAGS.full_batch})"
-    if FLAGS.device != "cpu":
-        config.model.dtype = "bfloat16"
-    return spec, config
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -76,7 +61,8 @@ def main(argv):
             raise UserError(f"--peer: {error}") from None
     configs = []  # (label, config, the estimator's fraction), checked before any timing
     for spec in FLAGS.configs:
-        label, config = load_config(spec)
+        label, config = benchmark.load_config(spec, full_batch=FLAGS.full_batch,
+                                              bfloat16=FLAGS.device != "cpu")
         fraction = FLAGS.estimator_fraction or FLAGS.estimator_positions / config.model.context
         if not 0 < fraction <= 1:
             raise UserError(f"{spec}: the estimator's fraction of positions is {fraction:g}; "

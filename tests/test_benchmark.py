@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from stm_jax.bench import benchmark, report
+from stm_jax.errors import UserError
 from stm_jax.trainer import flops
 
 
@@ -164,3 +165,13 @@ def test_lazy_pattern_is_one_barrier_step_in_n():
 def test_quartiles_of_paired_ratios():
     assert benchmark._quartiles([2.0]) == (2.0, 2.0, 2.0)
     assert benchmark._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def test_load_config_for_timing():
+    label, config = benchmark.load_config("shakespeare_char", full_batch=4, bfloat16=True)
+    assert label == "shakespeare_char (batch 4)" and config.batch_size == 4
+    assert config.model.dtype == "bfloat16" and config.model.dropout == 0.0
+    label, config = benchmark.load_config("shakespeare_char:cpu")
+    assert label == "shakespeare_char:cpu" and config.batch_size == 12
+    with pytest.raises(UserError, match="no configs/nope.py"):
+        benchmark.load_config("nope")

@@ -16,6 +16,7 @@ is deterministic. The barrier's *arithmetic floor* is its FLOP count from the sh
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import statistics
 import time
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from stm_jax.core.penalties import DETERMINANT_PENALTIES
+from stm_jax.errors import UserError
 from stm_jax.trainer import flops, steps
 
 # name -> objective overrides (and "microbatches", which overrides the config's own);
@@ -64,6 +66,26 @@ def with_estimator_fraction(modes: dict, fraction: float) -> dict:
     """``modes`` with the estimator modes' fraction of positions set to ``fraction``."""
     return {name: {**overrides, "barrier_fraction": fraction} if name in ESTIMATOR_MODES
             else overrides for name, overrides in modes.items()}
+
+
+def load_config(spec: str, *, full_batch: int = 8, bfloat16: bool = False):
+    """``(label, config)`` of ``configs/NAME.py`` for ``spec`` "NAME" or "NAME:variant", set
+    up for timing: Tiny Shakespeare's 65 characters, no dropout, the full ``shakespeare_char``
+    at batch ``full_batch`` (what fits this machine), bfloat16 matmuls on an accelerator."""
+    name, _, variant = spec.partition(":")
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError:
+        raise UserError(f"config {spec!r}: there is no configs/{name}.py") from None
+    config = module.get_config(variant or None)
+    config.model.vocab_size = 65
+    config.model.dropout = 0.0
+    if name == "shakespeare_char" and not variant.startswith("cpu"):
+        config.batch_size = full_batch
+        spec = f"{spec} (batch {full_batch})"
+    if bfloat16:
+        config.model.dtype = "bfloat16"
+    return spec, config
 
 
 def _mode_config(base, overrides: dict):
