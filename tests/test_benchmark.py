@@ -173,5 +173,5 @@ def test_load_config_for_timing():
     assert config.model.dtype == "bfloat16" and config.model.dropout == 0.0
     label, config = benchmark.load_config("shakespeare_char:cpu")
     assert label == "shakespeare_char:cpu" and config.batch_size == 12
-    with pytest.raises(UserError, match="no configs/nope.py"):
+    with pytest.raises(UserError, match="config 'nope': there is no"):
         benchmark.load_config("nope")
