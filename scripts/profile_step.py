@@ -11,14 +11,11 @@ says how events are grouped.
 
 import gzip
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import _bootstrap
 import jax
-import numpy as np
 from absl import flags, logging
 
 from stm_jax.bench import benchmark, profile
@@ -40,15 +37,9 @@ def compiled_step(config, overrides: dict, inputs):
 
 
 def traced(step, steps: int) -> tuple[list[dict], float]:
-    """Trace events of ``steps`` calls of ``step`` (after three untimed ones), and the median
-    wall milliseconds of a step in a separate untraced run."""
-    for _ in range(3):
-        step()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        walls.append(1e3 * (time.perf_counter() - start))
+    """Trace events of ``steps`` calls of ``step``, and the median wall milliseconds of a step
+    in a separate untraced run before them."""
+    wall_ms = 1e3 * benchmark._median_seconds(step, steps)
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             for _ in range(steps):
@@ -56,7 +47,7 @@ def traced(step, steps: int) -> tuple[list[dict], float]:
         trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
         with gzip.open(trace) as stream:
             events = json.load(stream)["traceEvents"]
-    return events, statistics.median(walls)
+    return events, wall_ms
 
 
 def print_table(title: str, mode: dict, base: dict, top: int) -> None:
@@ -79,8 +70,7 @@ def main(argv):
     fraction = FLAGS.estimator_positions / config.model.context
     modes = benchmark.with_estimator_fraction(
         {"ce": benchmark.MODES["ce"], FLAGS.mode: benchmark.MODES[FLAGS.mode]}, fraction)
-    inputs = np.random.default_rng(0).integers(
-        0, config.model.vocab_size, (config.batch_size, config.model.context)).astype(np.int32)
+    inputs = benchmark.random_batch(config)
     results = {}
     for name, overrides in modes.items():
         print(f"{label}/{name}: compiling and tracing {FLAGS.steps} steps", flush=True)

@@ -88,6 +88,12 @@ def load_config(spec: str, *, full_batch: int = 8, bfloat16: bool = False):
     return spec, config
 
 
+def random_batch(config) -> np.ndarray:
+    """A fixed batch of random tokens, (batch_size, context): what every timed step reads."""
+    return np.random.default_rng(0).integers(
+        0, config.model.vocab_size, (config.batch_size, config.model.context)).astype(np.int32)
+
+
 def _mode_config(base, overrides: dict):
     config = ml_collections.ConfigDict(base.to_dict())
     overrides = dict(overrides)
@@ -165,9 +171,7 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     ``peer``: optionally a module with ``make_step(config, inputs, targets)`` (such as
     ``peer_nanogpt``), whose step is timed in the same rounds as a row of its own.
     """
-    rng = np.random.default_rng(0)
-    inputs = rng.integers(0, config.model.vocab_size,
-                          (config.batch_size, config.model.context)).astype(np.int32)
+    inputs = random_batch(config)
     mode_configs = {mode: _mode_config(config, overrides) for mode, overrides in modes.items()}
     compiled, patterns = {}, {}
     for mode, mode_config in mode_configs.items():
