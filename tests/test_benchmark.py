@@ -53,6 +53,7 @@ def test_benchmark_rows_and_targets():
     assert rows[0]["step_vs_ce"] == 1.0 and rows[0]["step_vs_ce_quartiles"] == [1.0, 1.0]
     low, high = rows[1]["step_vs_ce_quartiles"]
     assert low <= rows[1]["step_vs_ce"] <= high
+    assert rows[1]["step_vs_ce_interval"] == [rows[1]["step_vs_ce_rounds"][0]] * 2  # one round
     assert all(r["step_ms"] > 0 and r["peak_memory_mb"] > 0 for r in rows[:-1])
     assert "overhead_vs_floor" in rows[1] and "overhead_vs_floor" not in rows[0]
     assert [r["microbatches"] for r in rows] == [2, 2, 1]
@@ -160,6 +161,32 @@ def test_lazy_pattern_is_one_barrier_step_in_n():
     assert benchmark._step_pattern(programs, 0.25) == [4.0, 0.0, 0.0, 0.0]
     assert benchmark._step_pattern(programs, 0.3) == [4.0, 0.0, 0.0]  # 1/q rounded
     assert benchmark._step_pattern({1.0: "step"}, 1.0) == [1.0]
+
+
+def test_median_interval_is_the_binomial_order_statistics_interval():
+    """[x_(j), x_(n+1-j)] with the largest j whose coverage reaches 95%: j = 6 of 20 (95.9%;
+    j = 7 covers 88.5%), j = 2 of 10 (97.9%); under 6 values, the whole range."""
+    assert benchmark.median_interval(list(range(20, 0, -1))) == (6, 15)
+    assert benchmark.median_interval([float(v) for v in range(1, 11)]) == (2.0, 9.0)
+    assert benchmark.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert benchmark.median_interval([1.5]) == (1.5, 1.5)
+    # A lower confidence narrows it: j = 7 of 20 covers 88.5% >= 80%.
+    assert benchmark.median_interval(list(range(1, 21)), confidence=0.8) == (7, 14)
+
+
+def test_a_ratio_goal_inside_the_medians_interval_is_within_noise():
+    rows = [{"config": "c", "mode": "head_estimator", "position_fraction": 1 / 32,
+             "step_vs_ce": 1.29, "step_vs_ce_interval": [1.24, 1.33]},
+            {"config": "c", "mode": "small_gain_estimator", "position_fraction": 1 / 32,
+             "step_vs_ce": 2.4, "step_vs_ce_interval": [2.3, 2.5]},
+            {"config": "c", "mode": "prior_p8", "step_vs_ce": 1.0,
+             "step_vs_ce_interval": [0.95, 1.08]}]
+    targets = report.targets_table(rows, peer_tokens_per_s=19000)
+    assert [(t["met"], t["decided"]) for t in targets] == [(True, False), (False, True),
+                                                           (True, True)]
+    assert targets[0]["measured"] == "1.29x (1.24-1.33)" and targets[2]["goal"] == "<= 1.1x"
+    table = report.targets_markdown(targets)
+    assert "| <= 1.3x | yes (within noise) |" in table and "| <= 1.3x | NO |" in table
 
 
 def test_quartiles_of_paired_ratios():

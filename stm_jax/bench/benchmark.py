@@ -7,7 +7,8 @@ one barrier step and 1/q - 1 CE-only steps (q rounded to 1/n), its mean step as 
 A pass is ``steps_per_round`` repetitions of a mode's steps, so that one timing spans
 more than a single step's jitter. Medians over rounds are reported; a mode's ratio to CE is
 the median over rounds of its pass time over CE's in the same round (paired, so that the
-machine's slower and faster minutes cancel), with the quartiles of those ratios. Memory is
+machine's slower and faster minutes cancel), with the quartiles of those ratios and a
+distribution-free 95% interval for their median (``median_interval``). Memory is
 XLA's own account of the compiled step (arguments + outputs + temporaries - aliased), which
 is deterministic. The barrier's *arithmetic floor* is its FLOP count from the shapes
 (forward and backward = 3 x forward) divided by this machine's measured matmul rate.
@@ -156,6 +157,21 @@ def _step_pattern(programs: dict, step_fraction: float) -> list[float]:
     return [max(programs)] + [0.0] * (max(1, round(1 / step_fraction)) - 1)
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of what ``values`` were drawn from: the
+    order statistics [x_(j), x_(n+1-j)] for the largest j whose coverage, the probability
+    that j <= Binomial(n, 1/2) <= n - j, is at least ``confidence``; the whole range when
+    none is (fewer than 6 values at 95%). On this machine a paired ratio moves by a few
+    hundredths between runs: the interval says whether a goal near the median is decided.
+    """
+    ordered, count = sorted(values), len(values)
+    for j in range(count // 2, 0, -1):  # from the narrowest interval outwards
+        covered = sum(math.comb(count, i) for i in range(j, count - j + 1)) / 2**count
+        if covered >= confidence:
+            return ordered[j - 1], ordered[count - j]
+    return ordered[0], ordered[-1]
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     """Lower quartile, median and upper quartile (the median of a single value is itself)."""
     if len(values) < 2:
@@ -196,8 +212,10 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
     model_flops = flops.model_flops_per_token(config.model)
     median = {key: statistics.median(values[1:]) for key, values in times.items()}
     ce_time, ce_memory = median["ce"], compiled["ce"][3]
-    paired = {key: _quartiles([mode_s / ce_s for mode_s, ce_s in zip(
-        values[1:], times["ce"][1:], strict=True)]) for key, values in times.items()}
+    ratios = {key: [mode_s / ce_s for mode_s, ce_s in zip(values[1:], times["ce"][1:],
+                                                          strict=True)]
+              for key, values in times.items()}
+    paired = {key: _quartiles(values) for key, values in ratios.items()}
 
     def timing_row(mode, memory, compile_s, microbatches) -> dict:
         step_s = median[mode]
@@ -208,6 +226,8 @@ def benchmark_config(name: str, config, modes: dict, *, rounds: int, matmul_rate
                 "mfu": tokens / step_s * model_flops / matmul_rate,
                 "step_vs_ce": paired[mode][1],
                 "step_vs_ce_quartiles": [paired[mode][0], paired[mode][2]],
+                "step_vs_ce_interval": list(median_interval(ratios[mode])),
+                "step_vs_ce_rounds": ratios[mode],
                 "memory_vs_ce": None if memory is None else memory / max(ce_memory or 1, 1)}
 
     rows = []
