@@ -11,6 +11,7 @@ from stm_jax.bench import profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def _meta(op_name: str) -> str:
     return f'metadata={{op_name="jit(train_step)/{op_name}"}}'
 

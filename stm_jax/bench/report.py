@@ -121,8 +121,7 @@ def targets_markdown(targets: list[dict]) -> str:
     verdict the interval does not decide says "within noise"."""
     lines = ["| target | measured (median's 95% interval) | goal | met |", "|---|---|---|---|"]
     for t in targets:
-        verdict = ("yes" if t["met"] else "NO") + ("" if t.get("decided", True)
-                                                    else " (within noise)")
+        verdict = ("yes" if t["met"] else "NO") + ("" if t["decided"] else " (within noise)")
         lines.append(f"| {t['target']} | {t['measured']} | {t['goal']} | {verdict} |")
     return "\n".join(lines)
 
